@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the test suite and benchmarks use, when they
+# are missing and we are root. Prometheus's package would start a service on
+# :9090, so service starts are refused during the install.
+set -euo pipefail
+need=()
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
+command -v wrk >/dev/null 2>&1 || need+=(wrk)
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+command -v rclone >/dev/null 2>&1 || need+=(rclone)
+command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
+if [ ${#need[@]} -eq 0 ]; then
+    exit 0
+fi
+if [ "$(id -u)" -ne 0 ]; then
+    echo "install-system-deps: not root; missing ${need[*]} (tests needing them will be skipped)" >&2
+    exit 0
+fi
+policy=/usr/sbin/policy-rc.d
+created_policy=0
+if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy"
+    chmod +x "$policy"
+    created_policy=1
+fi
+trap '[ "$created_policy" = 1 ] && rm -f "$policy"' EXIT
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+# A package may still have started its daemon; stop the ones we know of.
+pkill -x prometheus 2>/dev/null || true
+pkill -x nginx 2>/dev/null || true
