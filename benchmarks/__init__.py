@@ -1,0 +1,1 @@
+"""Benchmarks of cachesvc pieces and of cachesvc against its peers."""

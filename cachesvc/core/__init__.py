@@ -1,0 +1,1 @@
+"""cachesvc core: memory file, range sets, caching inodes; no HTTP here."""

@@ -1,0 +1,261 @@
+"""Asyncio lock primitives with an optional lock-order checker.
+
+The caching inode takes three locks, always in this order (see inode.py)::
+
+    Lock order:
+        CachingInode.attr_mu   (OrderedLock, rank 1)
+          CachingInode.maps_mu (OrderedLock, rank 2)
+            CachingInode.data_mu (RWLock, rank 3)
+
+Each lock has a rank and an owner (the object whose invariants it protects).
+With checking enabled (tests enable it for the whole suite), a task that
+acquires a lock while holding a lock of the same owner with an equal or
+higher rank gets :class:`LockOrderError` instead of a possible deadlock.
+Held locks are tracked per task, not per context, so child tasks do not
+inherit their parent's locks.
+
+The reader-writer lock prefers writers: once a writer waits, new readers
+queue behind it, so a stream of reads cannot starve truncate or eviction.
+Uncontended acquisition does not suspend the caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import weakref
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Final
+
+
+class LockOrderError(RuntimeError):
+    """A task acquired locks of one owner out of the documented order."""
+
+
+_checking: bool = os.environ.get("CACHESVC_LOCK_CHECK", "") == "1"
+# Locks held by each task, in acquisition order: (owner id, rank, name).
+_held: weakref.WeakKeyDictionary[asyncio.Task[object], list[tuple[int, int, str]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def set_lock_order_checking(enabled: bool) -> None:
+    """Turns the lock-order checker on or off (process-wide)."""
+    global _checking
+    _checking = enabled
+
+
+def lock_order_checking() -> bool:
+    """Reports whether the lock-order checker is on."""
+    return _checking
+
+
+def _note_acquire(owner: int, rank: int, name: str) -> None:
+    task = asyncio.current_task()
+    if task is None:
+        return
+    held = _held.setdefault(task, [])
+    for held_owner, held_rank, held_name in held:
+        if held_owner == owner and held_rank >= rank:
+            raise LockOrderError(f"acquiring {name} while holding {held_name}")
+    held.append((owner, rank, name))
+
+
+def _note_release(owner: int, rank: int) -> None:
+    task = asyncio.current_task()
+    if task is None:
+        return
+    held = _held.get(task)
+    if not held:
+        return
+    for i in range(len(held) - 1, -1, -1):
+        if held[i][0] == owner and held[i][1] == rank:
+            del held[i]
+            return
+
+
+class OrderedLock:
+    """An asyncio.Lock with a rank for the lock-order checker."""
+
+    def __init__(self, name: str, rank: int, owner: object) -> None:
+        self._lock = asyncio.Lock()
+        self.name: Final = name  # Immutable.
+        self._rank: Final = rank  # Immutable.
+        self._owner: Final = id(owner)  # Immutable.
+
+    def locked(self) -> bool:
+        """Reports whether some task holds the lock."""
+        return self._lock.locked()
+
+    async def acquire(self) -> None:
+        if _checking:
+            _note_acquire(self._owner, self._rank, self.name)
+        try:
+            await self._lock.acquire()
+        except BaseException:
+            if _checking:
+                _note_release(self._owner, self._rank)
+            raise
+
+    def release(self) -> None:
+        self._lock.release()
+        if _checking:
+            _note_release(self._owner, self._rank)
+
+    async def __aenter__(self) -> None:
+        await self.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return f"OrderedLock({self.name}, locked={self.locked()})"
+
+
+class RWLock:
+    """A writer-preferring asyncio reader-writer lock with a rank.
+
+    Readers share the lock; a writer holds it alone. ``downgrade()`` turns a
+    held write lock into a read lock without letting another writer in.
+    """
+
+    def __init__(self, name: str, rank: int, owner: object) -> None:
+        self.name: Final = name  # Immutable.
+        self._rank: Final = rank  # Immutable.
+        self._owner: Final = id(owner)  # Immutable.
+        # The fields below are protected by the event loop: they change only
+        # between awaits.
+        self._readers = 0  # Number of read holders.
+        self._writer = False  # True while a writer holds the lock.
+        self._read_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._write_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    @property
+    def held_for_reading(self) -> bool:
+        """True while at least one reader holds the lock."""
+        return self._readers > 0
+
+    @property
+    def held_for_writing(self) -> bool:
+        """True while a writer holds the lock."""
+        return self._writer
+
+    @property
+    def held(self) -> bool:
+        """True while the lock is held for reading or writing."""
+        return self._writer or self._readers > 0
+
+    async def acquire_read(self) -> None:
+        if _checking:
+            _note_acquire(self._owner, self._rank, self.name)
+        if not self._writer and not self._write_waiters:
+            self._readers += 1
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._read_waiters.append(fut)
+        try:
+            await fut
+        except BaseException:
+            if fut.done() and not fut.cancelled():
+                # Granted just as we were cancelled: give it back.
+                self._readers -= 1
+                self._wake()
+            else:
+                self._read_waiters.remove(fut)
+            if _checking:
+                _note_release(self._owner, self._rank)
+            raise
+
+    def release_read(self) -> None:
+        if self._readers <= 0:
+            raise RuntimeError(f"{self.name}: release_read of a lock not held for reading")
+        self._readers -= 1
+        if _checking:
+            _note_release(self._owner, self._rank)
+        self._wake()
+
+    async def acquire_write(self) -> None:
+        if _checking:
+            _note_acquire(self._owner, self._rank, self.name)
+        if not self._writer and self._readers == 0 and not self._write_waiters:
+            self._writer = True
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._write_waiters.append(fut)
+        try:
+            await fut
+        except BaseException:
+            if fut.done() and not fut.cancelled():
+                self._writer = False
+                self._wake()
+            else:
+                self._write_waiters.remove(fut)
+                # Readers queued behind this writer may proceed now.
+                self._wake()
+            if _checking:
+                _note_release(self._owner, self._rank)
+            raise
+
+    def release_write(self) -> None:
+        if not self._writer:
+            raise RuntimeError(f"{self.name}: release_write of a lock not held for writing")
+        self._writer = False
+        if _checking:
+            _note_release(self._owner, self._rank)
+        self._wake()
+
+    def downgrade(self) -> None:
+        """Turns the held write lock into a read lock."""
+        if not self._writer:
+            raise RuntimeError(f"{self.name}: downgrade of a lock not held for writing")
+        self._writer = False
+        self._readers += 1
+        # Let queued readers in, but not writers (we still read).
+        while self._read_waiters and not self._write_waiters:
+            self._grant_reader()
+
+    def _grant_reader(self) -> None:
+        fut = self._read_waiters.popleft()
+        if not fut.done():
+            self._readers += 1
+            fut.set_result(None)
+
+    def _wake(self) -> None:
+        if self._writer:
+            return
+        if self._readers == 0:
+            while self._write_waiters:
+                fut = self._write_waiters.popleft()
+                if not fut.done():
+                    self._writer = True
+                    fut.set_result(None)
+                    return
+        if not self._write_waiters:
+            while self._read_waiters:
+                self._grant_reader()
+
+    @asynccontextmanager
+    async def reading(self) -> AsyncIterator[None]:
+        """Holds the lock for reading for the duration of the block."""
+        await self.acquire_read()
+        try:
+            yield
+        finally:
+            self.release_read()
+
+    @asynccontextmanager
+    async def writing(self) -> AsyncIterator[None]:
+        """Holds the lock for writing for the duration of the block."""
+        await self.acquire_write()
+        try:
+            yield
+        finally:
+            self.release_write()
+
+    def __repr__(self) -> str:
+        return (
+            f"RWLock({self.name}, readers={self._readers}, writer={self._writer}, "
+            f"waiting={len(self._read_waiters)}r/{len(self._write_waiters)}w)"
+        )

@@ -1,0 +1,915 @@
+"""MemoryFile: the page allocator over one backing memory file.
+
+Follows MemoryFile in the reference design (pgalloc_newer.go), rendered for
+asyncio. One backing file (a memfd, or a file at a given path) holds every
+page the cache allocates. Its size is a power-of-two multiple of CHUNK_SIZE
+(capped at ``max_size``) and grows by doubling; uncommitted pages cost the
+host nothing. The file is mapped into the process in CHUNK_SIZE pieces,
+created lazily in a worker thread when an allocation first covers them, never
+remapped, and unmapped only by ``close``.
+
+``usage`` maps each allocated page to ``UsageInfo(kind, known_committed,
+refs)``; pages without a segment are free and uncommitted. ``allocate`` takes
+the first fit at or after ``min_unallocated``, a lower bound on the first free
+page. When ``dec_ref`` drops a page's references to zero the page is
+reclassified as SYSTEM memory and becomes *reclaimable*: it stays in
+``usage`` (so it cannot be allocated again) until the reclaimer task has
+punched a hole over it, which gives the memory back to the host and makes
+the page read as zeros; only then is the page removed from ``usage`` and
+``min_unallocated`` lowered.
+
+Users register *evictable* ranges in their own offset space;
+``start_evictions`` asks each user to evict them, one task per user, without
+holding any MemoryFile state across the call (users must tolerate ranges
+that were marked unevictable meanwhile).
+
+Committed memory is measured on the host, never guessed: ``update_usage``
+reads the file's allocated blocks with fstat and, unless that total already
+matches what ``usage`` knows to be committed, asks ``mincore`` which pages of
+the segments not yet known committed are resident.
+
+Concurrency. Everything runs on one event loop, and code between two awaits
+is atomic, so the allocator state needs no lock: fields marked "Protected by
+the event loop" are read and changed only on the loop thread, and no method
+awaits while one of their invariants is broken (it decides and updates state
+first, then awaits I/O). Blocking syscalls (ftruncate, mmap, fallocate,
+fstat, mincore) run on the MemoryFile's own worker threads; they get
+everything they need as arguments (fd, addresses, ranges), never touch the
+state, and their results are applied on the loop afterwards, re-checked
+against whatever changed meanwhile. The one lock serializes growing the
+file and creating chunk mappings, which spans awaits:
+
+Lock order:
+    MemoryFile.map_mu
+
+Views returned by ``map_internal`` point into the chunk mappings. Release
+them (or drop them) before ``close``: a chunk whose mapping still has
+exported views cannot be unmapped, and is left for the garbage collector
+to unmap once its last view is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import enum
+import logging
+import math
+import mmap
+import os
+import re
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import NamedTuple, ParamSpec, Protocol, TypeVar
+
+from cachesvc.core.locks import OrderedLock
+from cachesvc.core.ranges import Range, RangeSet, marker_set
+
+logger = logging.getLogger("cachesvc.memfile")
+
+PAGE_SIZE = 4096
+HUGE_PAGE_SIZE = 2 << 20
+CHUNK_SIZE = 64 << 20
+
+_PAGE_MASK = PAGE_SIZE - 1
+_CHUNK_SHIFT = CHUNK_SIZE.bit_length() - 1
+# Allocations never end beyond this offset when no max_size is given.
+_NO_LIMIT = 1 << 62
+# With unexplained committed bytes (swapped or not in a known segment),
+# update_usage rescans at most this often (seconds), as the reference does.
+_RESCAN_INTERVAL = 1.0
+_WORKER_THREADS = 4
+
+# fallocate(2) modes, from Linux's include/uapi/linux/falloc.h.
+_FALLOC_FL_KEEP_SIZE = 1
+_FALLOC_FL_PUNCH_HOLE = 2
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_fallocate = _libc.fallocate64
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
+_mincore = _libc.mincore
+_mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+_mincore.restype = ctypes.c_int
+
+# mincore reports residency in bit 0 of each byte; the rest is reserved.
+_RESIDENT_BIT = bytes(i & 1 for i in range(256))
+_RESIDENT_RUN = re.compile(b"\x01+")
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+class MemoryKind(enum.Enum):
+    """What allocated memory is used for, for accounting."""
+
+    PAGE_CACHE = "page_cache"
+    SYSTEM = "system"
+
+
+class MemoryFileError(Exception):
+    """An invalid call: bad length or range, pages not allocated, file closed."""
+
+
+class MemoryFileFull(MemoryFileError):
+    """The backing file cannot grow to hold the allocation (max_size)."""
+
+
+class EvictableUser(Protocol):
+    """A user of MemoryFile memory that can be asked to give some of it back."""
+
+    async def evict(self, rng: Range) -> None:
+        """Drops the memory behind ``rng``, a range in the user's own offset space.
+
+        May find ``rng`` (or part of it) unevictable by now and must then leave
+        that part alone. Must not mark ``rng`` evictable again from here.
+        """
+
+
+class UsageInfo(NamedTuple):
+    """State of a run of pages in ``usage``."""
+
+    kind: MemoryKind  # SYSTEM while refs == 0 (freed, awaiting reclaim)
+    known_committed: bool  # definitely committed (False: may or may not be)
+    refs: int  # holders; 0: reclaimable
+
+
+class _UsagePolicy:
+    """usage segments merge iff their values are equal; splits copy the value."""
+
+    def merge(
+        self, left: Range, left_value: UsageInfo, right: Range, right_value: UsageInfo
+    ) -> UsageInfo | None:
+        return left_value if left_value == right_value else None
+
+    def split(self, rng: Range, value: UsageInfo, at: int) -> tuple[UsageInfo, UsageInfo]:
+        return value, value
+
+
+@dataclass(slots=True)
+class _UserEvictable:
+    """Eviction state of one user. Protected by the event loop."""
+
+    ranges: RangeSet[None]  # evictable ranges, in the user's offset space
+    evicting: bool = False  # an eviction task is running for this user
+
+
+# --------------------------------------------------------------- worker side
+# These run on worker threads and touch nothing but their arguments.
+
+
+def _open_backing(path: str | None) -> int:
+    if path is None:
+        fd = os.memfd_create("cachesvc", os.MFD_CLOEXEC)
+    else:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        # Truncate to 0 first so that no stale contents survive.
+        os.ftruncate(fd, 0)
+        os.ftruncate(fd, CHUNK_SIZE)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _map_chunks(fd: int, indices: list[int]) -> list[tuple[int, mmap.mmap, int]]:
+    """Maps the given chunks; returns (index, mapping, address) for each."""
+    done: list[tuple[int, mmap.mmap, int]] = []
+    try:
+        for index in indices:
+            mapping = mmap.mmap(
+                fd,
+                CHUNK_SIZE,
+                flags=mmap.MAP_SHARED,
+                prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                offset=index << _CHUNK_SHIFT,
+            )
+            # The address is stable while the mapping lives; the ctypes
+            # object pins an export only until it is dropped here.
+            anchor = ctypes.c_char.from_buffer(mapping)
+            address = ctypes.addressof(anchor)
+            del anchor
+            done.append((index, mapping, address))
+    except BaseException:
+        for _, mapping, _ in done:
+            mapping.close()
+        raise
+    return done
+
+
+def _punch_hole(fd: int, start: int, length: int) -> None:
+    mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
+    if _fallocate(fd, mode, start, length) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"fallocate(PUNCH_HOLE, {start:#x}, {length:#x})", os.strerror(errno))
+
+
+def _zero(pieces: list[tuple[int, int, int]]) -> None:
+    for _, address, length in pieces:
+        ctypes.memset(address, 0, length)
+
+
+def _allocated_bytes(fd: int) -> int:
+    # st_blocks is in 512-byte units and counts swapped pages too.
+    return os.fstat(fd).st_blocks * 512
+
+
+def _resident_runs(pieces: list[tuple[int, int, int]]) -> list[Range]:
+    """For (file offset, address, length) pieces, the file ranges that are resident."""
+    runs: list[Range] = []
+    for offset, address, length in pieces:
+        vec = (ctypes.c_ubyte * (length // PAGE_SIZE))()
+        if _mincore(address, length, vec) != 0:
+            errno = ctypes.get_errno()
+            raise OSError(errno, f"mincore({address:#x}, {length:#x})", os.strerror(errno))
+        flags = bytes(vec).translate(_RESIDENT_BIT)
+        for run in _RESIDENT_RUN.finditer(flags):
+            runs.append(Range(offset + run.start() * PAGE_SIZE, offset + run.end() * PAGE_SIZE))
+    return runs
+
+
+# ---------------------------------------------------------------- MemoryFile
+
+
+class MemoryFile:
+    """Allocates reference-counted pages of one backing memory file."""
+
+    @classmethod
+    async def create(cls, path: str | None = None, *, max_size: int | None = None) -> MemoryFile:
+        """Creates the backing file (a memfd unless ``path`` is given) and the
+        reclaimer task. ``max_size`` (at least CHUNK_SIZE) bounds the file size;
+        it is rounded down to a whole chunk."""
+        if max_size is not None and max_size < CHUNK_SIZE:
+            raise MemoryFileError(f"max_size {max_size} is below the chunk size {CHUNK_SIZE}")
+        fd = await asyncio.to_thread(_open_backing, path)
+        self = cls(fd, max_size=max_size)
+        self._reclaimer = asyncio.create_task(self._reclaim_loop(), name="memfile reclaimer")
+        return self
+
+    def __init__(self, fd: int, *, max_size: int | None) -> None:
+        """Use ``create``: ``fd`` must already be truncated to CHUNK_SIZE."""
+        self._fd = fd  # Immutable (closed by close).
+        # The highest end of an allocation. Immutable.
+        self._limit = _NO_LIMIT if max_size is None else max_size & ~(CHUNK_SIZE - 1)
+        self._executor = ThreadPoolExecutor(_WORKER_THREADS, thread_name_prefix="memfile")
+
+        self._map_mu = OrderedLock("MemoryFile.map_mu", 1, self)
+        # Size the file has actually been extended to. Protected by map_mu.
+        self._mapped_size = CHUNK_SIZE
+        # Per chunk below mapped_size: its mapping, address (0: unmapped) and
+        # writable and read-only views of it (None: unmapped). The lists only
+        # grow and an entry is set at most once, so readers need no lock;
+        # changing them requires map_mu.
+        self._maps: list[mmap.mmap | None] = [None]
+        self._addresses: list[int] = [0]
+        self._rw_views: list[memoryview | None] = [None]
+        self._ro_views: list[memoryview | None] = [None]
+
+        # Allocated and reclaimable pages. Kept maximally merged. Protected by
+        # the event loop.
+        self._usage: RangeSet[UsageInfo] = RangeSet(_UsagePolicy())
+        # The union of the usage segments with refs == 0. Protected by the event loop.
+        self._reclaimable: RangeSet[None] = marker_set()
+        # No page below this is free. Protected by the event loop.
+        self._min_unallocated = 0
+        # Size the file has (or is about to have); a power-of-two multiple of
+        # CHUNK_SIZE or the limit. Protected by the event loop.
+        self._file_size = CHUNK_SIZE
+        # Bytes with refs > 0, by kind. Protected by the event loop.
+        self._allocated = dict.fromkeys(MemoryKind, 0)
+        # Bytes of known-committed segments, by kind, and their sum (the
+        # reference's usageExpected). Protected by the event loop.
+        self._committed = dict.fromkeys(MemoryKind, 0)
+        self._known_committed = 0
+        # Committed bytes the file reports beyond the known ones (the
+        # reference's usageSwapped), counted as SYSTEM. Protected by the event loop.
+        self._unexplained = 0
+        # The file's allocated bytes at the last update_usage. Protected by the event loop.
+        self._total_committed = 0
+        # time.monotonic() of the last mincore scan. Protected by the event loop.
+        self._last_scan = -math.inf
+        # Bumped whenever holes are punched, to detect stale scans. Protected
+        # by the event loop.
+        self._decommit_gen = 0
+        self._reclaimed_total = 0  # Protected by the event loop.
+
+        # Evictable ranges by user, and their total length. Protected by the event loop.
+        self._evictable: dict[EvictableUser, _UserEvictable] = {}
+        self._evictable_bytes = 0
+        # Running eviction tasks (strong references). Protected by the event loop.
+        self._eviction_tasks: set[asyncio.Task[None]] = set()
+
+        # Wakes the reclaimer; set when pages become reclaimable or on close.
+        self._reclaim_wake = asyncio.Event()
+        # Set while the reclaimer has nothing to do (or has stopped).
+        self._reclaim_idle = asyncio.Event()
+        self._reclaimer: asyncio.Task[None] | None = None  # Set by create.
+        self._closed = False  # Protected by the event loop.
+
+    # ----------------------------------------------------------- accessors
+
+    @property
+    def fd(self) -> int:
+        """The backing file's descriptor (owned by the MemoryFile)."""
+        return self._fd
+
+    @property
+    def file_size(self) -> int:
+        return self._file_size
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def allocated_bytes(self, kind: MemoryKind) -> int:
+        """Bytes of ``kind`` with at least one reference."""
+        return self._allocated[kind]
+
+    def committed_bytes(self, kind: MemoryKind) -> int:
+        """Committed bytes of ``kind`` as of the last ``update_usage``; bytes
+        the host reports beyond the known segments count as SYSTEM."""
+        extra = self._unexplained if kind is MemoryKind.SYSTEM else 0
+        return self._committed[kind] + extra
+
+    @property
+    def total_committed_bytes(self) -> int:
+        """The file's allocated bytes (fstat) as of the last ``update_usage``."""
+        return self._total_committed
+
+    @property
+    def reclaimable_bytes(self) -> int:
+        """Freed bytes the reclaimer has not returned to the host yet."""
+        return self._reclaimable.total_length
+
+    @property
+    def reclaimed_bytes_total(self) -> int:
+        """Bytes whose holes the reclaimer has punched since creation."""
+        return self._reclaimed_total
+
+    @property
+    def evictable_bytes(self) -> int:
+        """Total length of all users' evictable ranges."""
+        return self._evictable_bytes
+
+    def usage_segments(self) -> list[tuple[Range, UsageInfo]]:
+        """A copy of ``usage``, for tests and diagnostics."""
+        return list(self._usage)
+
+    # ---------------------------------------------------------- allocation
+
+    async def allocate(self, length: int, kind: MemoryKind) -> Range:
+        """Allocates ``length`` zeroed bytes (page-aligned, > 0) with one reference.
+
+        Ranges of HUGE_PAGE_SIZE or more are aligned to HUGE_PAGE_SIZE. Grows
+        the file if nothing fits; when it cannot (``max_size``) but freed pages
+        await reclaim, waits for the reclaimer and tries again. The chunks the
+        range covers are mapped before this returns.
+        """
+        # Follows MemoryFile.Allocate in the reference design.
+        if length <= 0 or length & _PAGE_MASK:
+            raise MemoryFileError(f"allocate: invalid length {length}")
+        while True:
+            self._check_open("allocate")
+            try:
+                rng = self._allocate_now(length, kind)
+                break
+            except MemoryFileFull:
+                if not self._reclaimable:
+                    raise
+            await self.wait_reclaimed()
+        try:
+            await self._ensure_mapped(rng)
+        except BaseException:
+            self.dec_ref(rng)
+            raise
+        return rng
+
+    def _allocate_now(self, length: int, kind: MemoryKind) -> Range:
+        alignment = HUGE_PAGE_SIZE if length >= HUGE_PAGE_SIZE else PAGE_SIZE
+        hint = self._min_unallocated
+        start = self._usage.first_gap_from(hint, length, alignment).start
+        end = start + length
+        if end > self._limit:
+            raise MemoryFileFull(f"allocate: {length} bytes do not fit below {self._limit}")
+        size = self._file_size
+        while size < end:
+            size *= 2
+        self._file_size = min(size, self._limit)
+        # The first free page; start itself when the range begins at the hint.
+        first_free = start if start == hint else self._usage.first_gap_from(hint, PAGE_SIZE).start
+        rng = Range(start, end)
+        self._usage.insert(rng, UsageInfo(kind, False, 1))
+        self._allocated[kind] += length
+        # If the range took the first free page, the next one is beyond it.
+        self._min_unallocated = first_free if first_free < start else end
+        return rng
+
+    async def _ensure_mapped(self, rng: Range) -> None:
+        """Extends the file and maps the chunks covering ``rng`` as needed."""
+        first = rng.start >> _CHUNK_SHIFT
+        last = (rng.end - 1) >> _CHUNK_SHIFT
+        views = self._rw_views
+        if last < len(views) and all(views[i] is not None for i in range(first, last + 1)):
+            return
+        async with self._map_mu:
+            self._check_open("allocate")
+            size = self._file_size
+            if self._mapped_size < size:
+                await self._run(os.ftruncate, self._fd, size)
+                self._mapped_size = size
+                missing_chunks = (size >> _CHUNK_SHIFT) - len(self._maps)
+                self._maps.extend([None] * missing_chunks)
+                self._addresses.extend([0] * missing_chunks)
+                self._rw_views.extend([None] * missing_chunks)
+                self._ro_views.extend([None] * missing_chunks)
+            missing = [i for i in range(first, last + 1) if self._maps[i] is None]
+            if not missing:
+                return
+            for index, mapping, address in await self._run(_map_chunks, self._fd, missing):
+                view = memoryview(mapping)
+                self._maps[index] = mapping
+                self._addresses[index] = address
+                self._rw_views[index] = view
+                self._ro_views[index] = view.toreadonly()
+
+    async def allocate_and_fill(
+        self,
+        length: int,
+        kind: MemoryKind,
+        reader: Callable[[list[memoryview]], Awaitable[int]],
+    ) -> tuple[Range, int]:
+        """Allocates ``length`` bytes and fills them with ``await reader(views)``.
+
+        ``reader`` writes into the writable views and returns how many bytes
+        it wrote, n. Pages past page_up(n) are freed again; returns the range
+        that is kept (empty when n == 0) and n. If ``reader`` raises, all of
+        the memory is freed and the error propagates. ``reader`` must not
+        write into the views once it has returned or raised.
+        """
+        # Follows MemoryFile.AllocateAndFill in the reference design; the
+        # partial last page is kept (it reads as zeros past n).
+        rng = await self.allocate(length, kind)
+        views = self.map_internal(rng, write=True)
+        try:
+            n = await reader(views)
+        except BaseException:
+            self.dec_ref(rng)
+            raise
+        if not 0 <= n <= length:
+            self.dec_ref(rng)
+            raise MemoryFileError(f"allocate_and_fill: reader returned {n} for {length} bytes")
+        kept = (n + _PAGE_MASK) & ~_PAGE_MASK
+        if kept < length:
+            self.dec_ref(Range(rng.start + kept, rng.end))
+        return Range(rng.start, rng.start + kept), n
+
+    # ------------------------------------------------------------ references
+
+    def inc_ref(self, rng: Range) -> None:
+        """Adds a reference to every page of ``rng``, which must be allocated."""
+        self._check_held(rng, "inc_ref")
+        self._usage.update(rng, _add_ref)
+
+    def dec_ref(self, rng: Range) -> None:
+        """Drops a reference from every page of ``rng``, which must be allocated.
+
+        Pages left without references become reclaimable: the reclaimer
+        punches holes over them and then returns them to the allocator.
+        Validates the whole range before changing anything.
+        """
+        # Follows MemoryFile.DecRef in the reference design.
+        self._check_held(rng, "dec_ref")
+        freed: list[Range] = []
+
+        def drop(seg: Range, info: UsageInfo) -> UsageInfo:
+            if info.refs > 1:
+                return UsageInfo(info.kind, info.known_committed, info.refs - 1)
+            self._allocated[info.kind] -= seg.length
+            if info.known_committed:
+                # Reclassify as SYSTEM until reclaimed, as the reference does.
+                self._committed[info.kind] -= seg.length
+                self._committed[MemoryKind.SYSTEM] += seg.length
+            freed.append(seg)
+            return UsageInfo(MemoryKind.SYSTEM, info.known_committed, 0)
+
+        self._usage.update(rng, drop)
+        if freed:
+            for seg in freed:
+                self._reclaimable.insert(seg, None)
+            self._reclaim_idle.clear()
+            self._reclaim_wake.set()
+
+    def _check_held(self, rng: Range, op: str) -> None:
+        """Raises MemoryFileError unless ``rng`` is page-aligned, non-empty and
+        every page of it has at least one reference."""
+        start, end = rng
+        if not 0 <= start < end or (start | end) & _PAGE_MASK:
+            raise MemoryFileError(f"{op}: invalid range {rng}")
+        pos = start  # [start, pos) is held
+        for seg, info in self._usage.segments(rng):
+            if seg.start > pos:
+                break
+            if info.refs == 0:
+                raise MemoryFileError(f"{op}({rng}): pages {seg.intersect(rng)} are freed")
+            pos = seg.end
+        if pos < end:
+            raise MemoryFileError(f"{op}({rng}): pages from {pos} on are not allocated")
+
+    # ------------------------------------------------------------- mapping
+
+    def map_internal(self, rng: Range, write: bool) -> list[memoryview]:
+        """Views of the bytes of ``rng``, one per chunk it spans.
+
+        ``rng`` must lie in allocated memory (allocation maps it). The views are
+        read-only unless ``write``. Takes no lock and does no I/O.
+        """
+        start, end = rng
+        if not 0 <= start <= end:
+            raise MemoryFileError(f"map_internal: invalid range {rng}")
+        if start == end:
+            return []
+        chunk_views = self._rw_views if write else self._ro_views
+        first = start >> _CHUNK_SHIFT
+        last = (end - 1) >> _CHUNK_SHIFT
+        if last < len(chunk_views):
+            if first == last:
+                view = chunk_views[first]
+                if view is not None:
+                    base = first << _CHUNK_SHIFT
+                    return [view[start - base : end - base]]
+            else:
+                out: list[memoryview] = []
+                for index in range(first, last + 1):
+                    view = chunk_views[index]
+                    if view is None:
+                        break
+                    base = index << _CHUNK_SHIFT
+                    out.append(view[max(start - base, 0) : min(end - base, CHUNK_SIZE)])
+                else:
+                    return out
+        raise MemoryFileError(f"map_internal({rng}): memory is not mapped")
+
+    def _address_pieces(self, rng: Range) -> list[tuple[int, int, int]]:
+        """(file offset, address, length) pieces of ``rng``, one per chunk.
+
+        Chunks not mapped (yet) are left out: nothing has written to them, so
+        their pages are uncommitted and read as zeros.
+        """
+        pieces = []
+        addresses = self._addresses
+        offset = rng.start
+        while offset < rng.end:
+            index = offset >> _CHUNK_SHIFT
+            base = index << _CHUNK_SHIFT
+            length = min(rng.end, base + CHUNK_SIZE) - offset
+            if index < len(addresses) and addresses[index]:
+                pieces.append((offset, addresses[index] + offset - base, length))
+            offset += length
+        return pieces
+
+    # ------------------------------------------------- decommit and reclaim
+
+    async def decommit(self, rng: Range) -> None:
+        """Punches a hole over allocated ``rng``: the host frees its memory and
+        the pages read as zeros until written again."""
+        # Follows MemoryFile.Decommit in the reference design.
+        self._check_held(rng, "decommit")
+        self._check_open("decommit")
+        # Shielded so that the pages are marked decommitted once punched even
+        # if the caller is cancelled meanwhile.
+        await asyncio.shield(self._punch_and_mark(rng))
+
+    async def _punch_and_mark(self, rng: Range) -> None:
+        try:
+            await self._run(_punch_hole, self._fd, rng.start, rng.length)
+        except OSError as exc:
+            raise MemoryFileError(f"decommit({rng}): {exc}") from exc
+        self._mark_decommitted(rng)
+
+    def _mark_decommitted(self, rng: Range) -> None:
+        """Clears known_committed over whatever is in ``rng`` now."""
+        self._decommit_gen += 1
+
+        def clear(seg: Range, info: UsageInfo) -> UsageInfo:
+            if not info.known_committed:
+                return info
+            self._committed[info.kind] -= seg.length
+            self._known_committed -= seg.length
+            return UsageInfo(info.kind, False, info.refs)
+
+        self._usage.update(rng, clear)
+
+    async def wait_reclaimed(self) -> None:
+        """Waits until the reclaimer has returned every freed page to the
+        allocator (or has stopped); raises RuntimeError if it failed."""
+        await self._reclaim_idle.wait()
+        reclaimer = self._reclaimer
+        if reclaimer is not None and reclaimer.done() and not reclaimer.cancelled():
+            exc = reclaimer.exception()
+            if exc is not None:
+                raise RuntimeError("the memory file reclaimer failed") from exc
+
+    async def _reclaim_loop(self) -> None:
+        """Punches holes over reclaimable pages, lowest first, and frees them."""
+        # Follows MemoryFile.runReclaim in the reference design. Reclaiming
+        # from the start of the file keeps first-fit allocation short.
+        try:
+            while not self._closed:
+                first = next(iter(self._reclaimable), None)
+                if first is None:
+                    self._reclaim_idle.set()
+                    self._reclaim_wake.clear()
+                    await self._reclaim_wake.wait()
+                    continue
+                rng = first[0]
+                # rng stays in usage with refs == 0 while the hole is punched:
+                # no call can allocate, reference or decommit it meanwhile.
+                try:
+                    await self._run(_punch_hole, self._fd, rng.start, rng.length)
+                    punched = True
+                except OSError as exc:
+                    # The memory stays committed, but the pages must read as
+                    # zeros when allocated again.
+                    logger.warning("reclaim: %s; zeroing %s instead", exc, rng)
+                    await self._run(_zero, self._address_pieces(rng))
+                    punched = False
+                self._mark_decommitted(rng)
+                self._mark_reclaimed(rng)
+                if punched:
+                    self._reclaimed_total += rng.length
+        finally:
+            self._reclaim_idle.set()
+
+    def _mark_reclaimed(self, rng: Range) -> None:
+        # Follows MemoryFile.markReclaimed in the reference design.
+        if self._usage.gaps(rng):
+            raise RuntimeError(f"reclaimed {rng} includes unallocated pages:\n{self._usage!r}")
+        for seg, info in self._usage.segments(rng):
+            if info != UsageInfo(MemoryKind.SYSTEM, False, 0):
+                raise RuntimeError(f"reclaimed {rng} has segment {seg} in state {info}")
+        self._usage.remove(rng)
+        self._reclaimable.remove(rng)
+        self._min_unallocated = min(self._min_unallocated, rng.start)
+
+    # ----------------------------------------------------------- accounting
+
+    async def update_usage(self) -> None:
+        """Refreshes the committed figures from the host.
+
+        Reads the file's allocated blocks (fstat); unless they match the bytes
+        already known committed, scans the allocated segments not known to be
+        committed with mincore and marks the resident pages. Bytes the host
+        reports beyond the known ones (swapped pages, or pages committed
+        outside allocated segments) are counted as SYSTEM.
+        """
+        # Follows MemoryFile.UpdateUsage and updateUsageLocked in the reference design.
+        for _ in range(3):
+            self._check_open("update_usage")
+            gen = self._decommit_gen
+            total = await self._run(_allocated_bytes, self._fd)
+            self._total_committed = total
+            if total == self._known_committed + self._unexplained and (
+                self._unexplained == 0 or time.monotonic() < self._last_scan + _RESCAN_INTERVAL
+            ):
+                return
+            self._last_scan = time.monotonic()
+            pieces = [
+                piece
+                for seg, info in self._usage
+                if info.refs and not info.known_committed
+                for piece in self._address_pieces(seg)
+            ]
+            runs = await self._run(_resident_runs, pieces) if pieces else []
+            if gen == self._decommit_gen:
+                # No hole was punched during the scan, so every page it found
+                # resident is still committed.
+                for run in runs:
+                    self._usage.update(run, self._mark_committed)
+                self._unexplained = max(0, total - self._known_committed)
+                return
+        # Holes kept being punched; the next call tries again.
+        self._unexplained = max(0, self._total_committed - self._known_committed)
+
+    def _mark_committed(self, seg: Range, info: UsageInfo) -> UsageInfo:
+        if info.known_committed or info.refs == 0:
+            # Freed pages are about to be reclaimed; like unallocated pages,
+            # they are assumed uncommitted.
+            return info
+        self._committed[info.kind] += seg.length
+        self._known_committed += seg.length
+        return UsageInfo(info.kind, True, info.refs)
+
+    # ------------------------------------------------------------- eviction
+
+    def mark_evictable(self, user: EvictableUser, rng: Range) -> None:
+        """Allows ``user.evict`` to be called on ``rng`` (no effect where it
+        already is evictable)."""
+        # Follows MemoryFile.MarkEvictable in the reference design.
+        if rng.start > rng.end:
+            raise MemoryFileError(f"mark_evictable: invalid range {rng}")
+        if rng.is_empty:
+            return
+        info = self._evictable.get(user)
+        if info is None:
+            info = self._evictable[user] = _UserEvictable(marker_set())
+        before = info.ranges.total_length
+        for gap in info.ranges.gaps(rng):
+            info.ranges.insert(gap, None)
+        self._evictable_bytes += info.ranges.total_length - before
+
+    def mark_unevictable(self, user: EvictableUser, rng: Range) -> None:
+        """Stops ``user.evict`` from being called on ``rng`` from now on (a call
+        already under way may still cover it)."""
+        info = self._evictable.get(user)
+        if info is None or rng.is_empty:
+            return
+        removed = info.ranges.remove(rng)
+        self._evictable_bytes -= sum(piece.length for piece, _ in removed)
+        self._forget_if_idle(user, info)
+
+    def mark_all_unevictable(self, user: EvictableUser) -> None:
+        """``mark_unevictable`` over all of ``user``'s offsets."""
+        info = self._evictable.get(user)
+        if info is None:
+            return
+        self._evictable_bytes -= info.ranges.total_length
+        info.ranges.clear()
+        self._forget_if_idle(user, info)
+
+    def _forget_if_idle(self, user: EvictableUser, info: _UserEvictable) -> None:
+        # Only a user's eviction task may remove the entry while it runs.
+        if not info.evicting and not info.ranges:
+            del self._evictable[user]
+
+    def evictable_ranges(self, user: EvictableUser) -> list[Range]:
+        """``user``'s evictable ranges, ascending."""
+        info = self._evictable.get(user)
+        return [] if info is None else [rng for rng, _ in info.ranges]
+
+    def start_evictions(self) -> None:
+        """Starts evicting everything evictable: one task per user, unless one
+        is already running for it. Does not wait (see wait_for_evictions)."""
+        # Follows MemoryFile.startEvictionsLocked in the reference design.
+        if self._closed:
+            return
+        for user, info in self._evictable.items():
+            if not info.evicting and info.ranges:
+                info.evicting = True
+                task = asyncio.create_task(self._evict_user(user, info), name="memfile eviction")
+                self._eviction_tasks.add(task)
+                task.add_done_callback(self._eviction_tasks.discard)
+
+    async def _evict_user(self, user: EvictableUser, info: _UserEvictable) -> None:
+        """Evicts ``user``'s ranges, lowest first, until none is left."""
+        try:
+            while not self._closed:
+                first = next(iter(info.ranges), None)
+                if first is None:
+                    break
+                rng = first[0]
+                info.ranges.remove(rng)
+                self._evictable_bytes -= rng.length
+                # Nothing of ours is held across the call: the user may mark
+                # ranges (un)evictable meanwhile, including this one.
+                try:
+                    await user.evict(rng)
+                except Exception:
+                    logger.exception("eviction of %s by %r failed", rng, user)
+        finally:
+            info.evicting = False
+            self._forget_if_idle(user, info)
+
+    async def wait_for_evictions(self) -> None:
+        """Waits until no eviction task is running."""
+        while self._eviction_tasks:
+            await asyncio.wait(set(self._eviction_tasks))
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def close(self) -> None:
+        """Stops evictions and the reclaimer, unmaps the chunks and closes the file.
+
+        Callers must have released the views ``map_internal`` gave them; a
+        chunk with views still exported is left for the garbage collector to
+        unmap. Pages still allocated are simply dropped with the file.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        evictions = list(self._eviction_tasks)
+        for task in evictions:
+            task.cancel()
+        await asyncio.gather(*evictions, return_exceptions=True)
+        self._reclaim_wake.set()
+        if self._reclaimer is not None:
+            (outcome,) = await asyncio.gather(self._reclaimer, return_exceptions=True)
+            if isinstance(outcome, BaseException) and not isinstance(
+                outcome, asyncio.CancelledError
+            ):
+                logger.error("the memory file reclaimer had failed", exc_info=outcome)
+        async with self._map_mu:
+            # Waits for work still running on the worker threads (a decommit
+            # or update_usage) before the mappings and the fd go away.
+            await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
+            for views in (self._rw_views, self._ro_views):
+                for view in views:
+                    if view is not None:
+                        view.release()
+                views.clear()
+            self._addresses.clear()
+            for index, mapping in enumerate(self._maps):
+                if mapping is None:
+                    continue
+                try:
+                    mapping.close()
+                except BufferError:
+                    logger.warning("chunk %d still has exported views; leaving it mapped", index)
+            self._maps.clear()
+            os.close(self._fd)
+
+    def _check_open(self, op: str) -> None:
+        if self._closed:
+            raise MemoryFileError(f"{op}: the memory file is closed")
+
+    async def _run(self, fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        """Runs blocking ``fn`` on a worker thread."""
+        try:
+            future = self._executor.submit(fn, *args, **kwargs)
+        except RuntimeError as exc:  # the executor has been shut down
+            raise MemoryFileError("the memory file is closed") from exc
+        return await asyncio.wrap_future(future)
+
+    # ------------------------------------------------------ introspection
+
+    def stats(self) -> dict[str, int]:
+        """Current figures; cheap to read (nothing scans usage)."""
+        return {
+            "file_size": self._file_size,
+            "usage_segments": len(self._usage),
+            "mapped_chunks": len(self._maps) - self._maps.count(None),
+            "allocated_page_cache_bytes": self._allocated[MemoryKind.PAGE_CACHE],
+            "allocated_system_bytes": self._allocated[MemoryKind.SYSTEM],
+            "reclaimable_bytes": self.reclaimable_bytes,
+            "reclaimed_bytes_total": self._reclaimed_total,
+            "committed_page_cache_bytes": self.committed_bytes(MemoryKind.PAGE_CACHE),
+            "committed_system_bytes": self.committed_bytes(MemoryKind.SYSTEM),
+            "total_committed_bytes": self._total_committed,
+            "evictable_bytes": self._evictable_bytes,
+            "evictable_users": len(self._evictable),
+            "eviction_tasks": len(self._eviction_tasks),
+        }
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"fd={self._fd}"
+        allocated = ", ".join(f"{k.value}={v}" for k, v in self._allocated.items())
+        return (
+            f"<MemoryFile {state} size={self._file_size} allocated({allocated})"
+            f" reclaimable={self.reclaimable_bytes} evictable={self._evictable_bytes}"
+            f" segments={len(self._usage)} min_unallocated={self._min_unallocated:#x}>"
+        )
+
+    def check_invariants(self) -> None:
+        """Asserts every invariant of the allocator state (for tests)."""
+        self._usage.check_invariants(require_merged=True)
+        self._reclaimable.check_invariants(require_merged=True)
+        size = self._file_size
+        assert size % CHUNK_SIZE == 0, f"file size {size} is not a whole number of chunks"
+        chunks = size >> _CHUNK_SHIFT
+        assert size == self._limit or chunks & (chunks - 1) == 0, f"file size {size}"
+        allocated = dict.fromkeys(MemoryKind, 0)
+        committed = dict.fromkeys(MemoryKind, 0)
+        freed: RangeSet[None] = marker_set()
+        for seg, info in self._usage:
+            assert not (seg.start | seg.end) & _PAGE_MASK, f"unaligned segment {seg}"
+            assert seg.end <= size, f"segment {seg} beyond the file size {size}"
+            assert info.refs >= 0, f"segment {seg}: {info}"
+            if info.refs:
+                allocated[info.kind] += seg.length
+            else:
+                assert info.kind is MemoryKind.SYSTEM, f"freed segment {seg}: {info}"
+                freed.insert(seg, None)
+            if info.known_committed:
+                committed[info.kind] += seg.length
+        assert allocated == self._allocated, f"allocated {self._allocated}, usage says {allocated}"
+        assert committed == self._committed, f"committed {self._committed}, usage says {committed}"
+        assert self._known_committed == sum(committed.values())
+        assert list(freed) == list(self._reclaimable), "reclaimable set differs from usage"
+        first_free = self._usage.first_gap_from(0, PAGE_SIZE).start
+        assert first_free >= self._min_unallocated, (
+            f"page {first_free:#x} is free below min_unallocated {self._min_unallocated:#x}"
+        )
+        evictable = 0
+        for user, entry in self._evictable.items():
+            entry.ranges.check_invariants(require_merged=True)
+            assert entry.ranges or entry.evicting, f"idle empty evictable entry for {user!r}"
+            evictable += entry.ranges.total_length
+        assert evictable == self._evictable_bytes, (
+            f"evictable {self._evictable_bytes} != {evictable}"
+        )
+
+
+def _add_ref(seg: Range, info: UsageInfo) -> UsageInfo:
+    return UsageInfo(info.kind, info.known_committed, info.refs + 1)
