@@ -1,0 +1,726 @@
+"""An origin served over HTTP(S): ``--origin http(s)://host[:port]/prefix/``.
+
+Reads are ``Range`` GETs over one pooled :class:`aiohttp.ClientSession`
+(keep-alive, a connection limit, connect and read timeouts), created lazily in
+the running loop. Any static file server with byte ranges works (nginx,
+another cachesvc's ``/files/``, an object store's public URL).
+
+Version tokens. ``stat`` returns, as ``OriginStat.etag``:
+
+* the origin's strong ``ETag`` when it sends one; reads pinned to it carry
+  ``If-Match`` (RFC 9110: a 412 means the object changed -> OriginConflict);
+* otherwise ``lm:<size>:<Last-Modified>``; reads carry
+  ``If-Unmodified-Since`` (second granularity: a change within the same
+  second as the previous one goes unnoticed, as it would for any HTTP cache);
+* otherwise ``size:<size>``: nothing to send, only the size is checked.
+
+Every pinned answer is also checked against the token (``ETag``,
+``Last-Modified``, complete length), so an origin that ignores the
+preconditions still never gets pages of two versions mixed.
+
+Ranges on the wire are HTTP's inclusive ``a-b``; everything else here is
+half-open. A 206 must carry exactly the ``Content-Range`` that was asked for
+(starting at the requested offset, ending inside the request); a short 206
+is continued with another request. A 200 to a range request (the origin
+ignores ranges) is skipped up to the offset and the rest taken. A body that
+ends before its announced length is OriginUnavailable, never short data.
+
+Retries with exponential backoff (0.05 s, 0.2 s, 0.8 s, ...) cover only
+idempotent reads (HEAD, GET) that failed on the connection, timed out or got
+a 5xx/408/429; a retried range read overwrites the same buffer bytes.
+
+Writes. Read-only by default. With ``writes=True`` (``--http-origin-writes``)
+the origin is taken to speak cachesvc's data API, so one cachesvc can front
+another: partial ``PUT`` with ``Content-Range: bytes a-b/*``, ``POST
+?truncate=N``, ``POST ?fsync``, ``DELETE``, whole ``PUT`` (atomic there).
+``allocate`` grows the file with a truncate pinned to the stat it read (never
+shrinks). ``rewrite`` streams a whole new object in one pinned ``PUT``
+(unchanged bytes read back pinned from the origin), so it stays atomic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import datetime
+import email.utils
+import functools
+import json
+import logging
+import re
+import urllib.parse
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import aiohttp
+from multidict import CIMultiDictProxy
+from yarl import URL
+
+from cachesvc.origins.base import (
+    Capabilities,
+    ChangedReader,
+    DirEntry,
+    OriginConflict,
+    OriginError,
+    OriginNoSpace,
+    OriginNotFound,
+    OriginPermissionDenied,
+    OriginStat,
+    OriginTimeout,
+    OriginUnavailable,
+    OriginUnsupported,
+)
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+READ_ONLY_MESSAGE = (
+    "the HTTP origin is read-only; start cachesvc with --http-origin-writes "
+    "if it accepts partial PUT"
+)
+
+_CONTENT_RANGE = re.compile(r"bytes ([0-9]+)-([0-9]+)/([0-9]+|\*)", re.ASCII | re.IGNORECASE)
+_UNSATISFIED_RANGE = re.compile(r"bytes \*/([0-9]+)", re.ASCII | re.IGNORECASE)
+_BACKOFF_BASE = 0.05  # seconds before the first retry; multiplied by 4 per attempt
+_ERROR_BODY_LIMIT = 1024  # bytes of an error body kept for the message
+_LISTING_LIMIT = 64 << 20  # a directory listing larger than this is refused
+_STREAM_PIECE = 1 << 20  # bytes per chunk when rewrite() streams a new object
+_ALLOCATE_ATTEMPTS = 3
+
+
+class _TransientUnavailable(OriginUnavailable):
+    """An OriginUnavailable that an idempotent request may retry."""
+
+
+class _TransientTimeout(OriginTimeout):
+    """An OriginTimeout that an idempotent request may retry."""
+
+
+_TRANSIENT = (_TransientUnavailable, _TransientTimeout)
+
+
+@dataclass(frozen=True, slots=True)
+class _Validator:
+    """What a version token pins a request to. Immutable."""
+
+    etag: str | None  # strong ETag, sent as If-Match
+    last_modified: str | None  # HTTP-date, sent as If-Unmodified-Since
+    size: int | None  # the complete length the object must have
+
+    @classmethod
+    def parse(cls, token: str) -> _Validator:
+        if token.startswith('"'):
+            return cls(token, None, None)
+        kind, _, rest = token.partition(":")
+        if kind == "lm":
+            size, _, date = rest.partition(":")
+            if size.isdigit() and date:
+                return cls(None, date, int(size))
+        elif kind == "size" and rest.isdigit():
+            return cls(None, None, int(rest))
+        raise ValueError(f"not a version token of the HTTP origin: {token!r}")
+
+    def headers(self) -> dict[str, str]:
+        if self.etag is not None:
+            return {"If-Match": self.etag}
+        if self.last_modified is not None:
+            return {"If-Unmodified-Since": self.last_modified}
+        return {}
+
+    def check(self, headers: CIMultiDictProxy[str], complete: int | None, what: str) -> None:
+        """OriginConflict unless an answer's validators agree with this token."""
+        etag = headers.get("ETag")
+        if self.etag is not None and etag is not None and etag != self.etag:
+            raise OriginConflict(f"{what}: ETag is now {etag}, expected {self.etag}")
+        modified = headers.get("Last-Modified")
+        if (
+            self.last_modified is not None
+            and modified is not None
+            and _parse_http_date(modified) != _parse_http_date(self.last_modified)
+        ):
+            raise OriginConflict(f"{what}: Last-Modified is now {modified}")
+        if self.size is not None and complete is not None and complete != self.size:
+            raise OriginConflict(f"{what}: size is now {complete}, expected {self.size}")
+
+
+class _Sink:
+    """Copies a response body into consecutive buffers from a starting offset."""
+
+    def __init__(self, buffers: Sequence[memoryview], start: int) -> None:
+        self._buffers = buffers
+        self._index = 0
+        self._pos = start
+        while self._index < len(buffers) and self._pos >= len(buffers[self._index]):
+            self._pos -= len(buffers[self._index])
+            self._index += 1
+        self.room = sum(len(b) for b in buffers) - start
+
+    def write(self, data: memoryview) -> None:
+        """Preconditions: ``len(data) <= room``."""
+        self.room -= len(data)
+        while data:
+            buf = self._buffers[self._index]
+            n = min(len(buf) - self._pos, len(data))
+            buf[self._pos : self._pos + n] = data[:n]
+            data = data[n:]
+            self._pos += n
+            if self._pos == len(buf):
+                self._index += 1
+                self._pos = 0
+
+
+def _parse_http_date(value: str) -> float | None:
+    """Seconds since the epoch of an HTTP-date, or None if it is not one."""
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return when.timestamp()
+
+
+def _is_strong_etag(etag: str) -> bool:
+    return len(etag) >= 2 and etag.startswith('"') and etag.endswith('"')
+
+
+def _stat_from(headers: CIMultiDictProxy[str], size: int) -> OriginStat:
+    """The stat (and version token) that a file's response headers describe."""
+    etag = headers.get("ETag")
+    modified = headers.get("Last-Modified")
+    mtime = _parse_http_date(modified) if modified is not None else None
+    if etag is not None and _is_strong_etag(etag):
+        token = etag
+    elif modified is not None and mtime is not None:
+        token = f"lm:{size}:{modified}"
+    else:
+        token = f"size:{size}"
+    return OriginStat(size=size, mtime=mtime or 0.0, etag=token)
+
+
+def _content_range(resp: aiohttp.ClientResponse, what: str) -> tuple[int, int, int | None]:
+    """``(first, last, complete)`` of a 206's single ``Content-Range`` (inclusive)."""
+    values = resp.headers.getall("Content-Range", [])
+    match = _CONTENT_RANGE.fullmatch(values[0].strip()) if len(values) == 1 else None
+    if match is None:
+        raise OriginUnavailable(f"{what}: 206 with bad or missing Content-Range {values!r}")
+    first, last, complete = match.groups()
+    total = None if complete == "*" else int(complete)
+    if int(last) < int(first) or (total is not None and int(last) >= total):
+        raise OriginUnavailable(f"{what}: 206 with impossible Content-Range {values[0]!r}")
+    return int(first), int(last), total
+
+
+def _unsatisfied_size(resp: aiohttp.ClientResponse) -> int | None:
+    """The complete length a 416's ``Content-Range: bytes */N`` states, if any."""
+    match = _UNSATISFIED_RANGE.fullmatch(resp.headers.get("Content-Range", "").strip())
+    return int(match.group(1)) if match else None
+
+
+def _parse_listing(data: object, what: str) -> list[DirEntry]:
+    """Entries of an nginx ``autoindex_format json`` listing (cachesvc uses the same form)."""
+    if not isinstance(data, list):
+        raise OriginUnavailable(f"{what}: listing is not a JSON list")
+    entries = []
+    for item in data:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise OriginUnavailable(f"{what}: malformed listing entry {item!r}")
+        name, kind = item["name"], item.get("type")
+        if kind not in ("file", "directory"):
+            continue  # sockets, devices, dangling links: nothing to serve
+        if name in ("", ".", "..") or "/" in name or "\0" in name:
+            raise OriginUnavailable(f"{what}: listing entry with invalid name {name!r}")
+        size = item.get("size", 0) if kind == "file" else 0
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise OriginUnavailable(f"{what}: listing entry {name!r} with bad size {size!r}")
+        mtime = item.get("mtime")
+        seconds = _parse_http_date(mtime) if isinstance(mtime, str) else None
+        if mtime is not None and seconds is None:
+            raise OriginUnavailable(f"{what}: listing entry {name!r} with bad mtime {mtime!r}")
+        entries.append(DirEntry(name, kind == "directory", size, seconds or 0.0))
+    return entries
+
+
+class HttpOrigin:
+    """Files under one HTTP(S) base URL."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        writes: bool = False,
+        token: str | None = None,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 30.0,
+        max_connections: int = 64,
+        retries: int = 3,
+    ) -> None:
+        parts = urllib.parse.urlsplit(base_url)
+        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL with a host: {base_url!r}")
+        if parts.query or parts.fragment:
+            raise ValueError(f"an HTTP origin URL takes no query or fragment: {base_url!r}")
+        if max_connections < 2:
+            # rewrite() reads old bytes while its PUT holds a connection.
+            raise ValueError("the HTTP origin needs max_connections >= 2")
+        host = parts.netloc.rpartition("@")[2]
+        path = parts.path if parts.path.endswith("/") else parts.path + "/"
+        # Immutable: the base URL (no credentials), always ending in '/'.
+        self._base = f"{parts.scheme.lower()}://{host}{path}"
+        # Immutable: headers sent with every request.
+        self._headers = {"Accept-Encoding": "identity", "User-Agent": "cachesvc"}
+        if parts.username is not None:
+            if token is not None:
+                raise ValueError("give either credentials in the origin URL or a token, not both")
+            user = urllib.parse.unquote(parts.username)
+            password = urllib.parse.unquote(parts.password or "")
+            basic = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+            self._headers["Authorization"] = f"Basic {basic}"
+        elif token is not None:
+            self._headers["Authorization"] = f"Bearer {token}"
+        self._writes = writes  # Immutable.
+        self._connect_timeout = connect_timeout  # Immutable.
+        self._read_timeout = read_timeout  # Immutable.
+        self._max_connections = max_connections  # Immutable.
+        self._retries = retries  # Immutable.
+        # Created by the first request, inside the running loop; changed only
+        # between awaits (no lock needed).
+        self._session: aiohttp.ClientSession | None = None
+        self._closed = False  # Set by close(); never cleared.
+
+    # ------------------------------------------------------------ properties
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(
+            writable=self._writes, partial_writes=self._writes, durable_sync=self._writes
+        )
+
+    @property
+    def description(self) -> str:
+        return self._base
+
+    # --------------------------------------------------------------- reading
+
+    async def stat(self, path: str) -> OriginStat:
+        url = self._url(path)
+        return await self._retrying(lambda: self._stat_once(url, path))
+
+    async def _stat_once(self, url: URL, path: str) -> OriginStat:
+        async with self._exchange("HEAD", url) as resp:
+            if resp.status == 200 and resp.content_length is not None:
+                return _stat_from(resp.headers, resp.content_length)
+            if 300 <= resp.status < 400 and resp.headers.get("Location", "").endswith("/"):
+                raise OriginNotFound(f"{path!r} is a directory at {self._base}")
+            if resp.status not in (200, 405, 501):
+                raise await self._error(resp, "HEAD", url)
+        # HEAD refused or without a length: ask for one byte instead.
+        what = f"GET {url}"
+        async with self._exchange("GET", url, headers={"Range": "bytes=0-0"}) as resp:
+            if resp.status == 206:
+                first, _, size = _content_range(resp, what)
+                if first != 0 or size is None:
+                    raise OriginUnavailable(f"{what}: 206 without the file size")
+            elif resp.status == 200:
+                if resp.content_length is None:
+                    raise OriginUnavailable(f"{what}: 200 without Content-Length")
+                size = resp.content_length
+            elif resp.status == 416:
+                # bytes=0-0 is unsatisfiable only for an empty file.
+                size = _unsatisfied_size(resp) or 0
+            else:
+                raise await self._error(resp, "GET", url)
+            return _stat_from(resp.headers, size)
+
+    async def read_into(
+        self, path: str, offset: int, buffers: Sequence[memoryview], etag: str | None = None
+    ) -> int:
+        if offset < 0:
+            raise ValueError(f"negative offset {offset}")
+        validator = _Validator.parse(etag) if etag is not None else None
+        url = self._url(path)
+        total = sum(len(b) for b in buffers)
+        filled = 0
+        while filled < total:
+            got, at_eof = await self._retrying(
+                functools.partial(self._read_once, url, offset, buffers, filled, validator)
+            )
+            filled += got
+            if at_eof:
+                break
+        return filled
+
+    async def _read_once(
+        self,
+        url: URL,
+        offset: int,
+        buffers: Sequence[memoryview],
+        filled: int,
+        validator: _Validator | None,
+    ) -> tuple[int, bool]:
+        """One range GET for what ``buffers`` lack after ``filled`` bytes.
+
+        Returns (bytes filled by this request, end of file reached). A retry
+        calls it again with the same ``filled`` and overwrites the same bytes.
+        """
+        sink = _Sink(buffers, filled)
+        pos = offset + filled
+        last_wanted = pos + sink.room - 1
+        headers = {"Range": f"bytes={pos}-{last_wanted}"}
+        if validator is not None:
+            headers.update(validator.headers())
+        what = f"GET {url} bytes={pos}-{last_wanted}"
+        async with self._exchange("GET", url, headers=headers) as resp:
+            if resp.status == 206:
+                first, last, complete = _content_range(resp, what)
+                if first != pos or last > last_wanted:
+                    raise OriginUnavailable(
+                        f"{what}: 206 for another range {resp.headers['Content-Range']!r}"
+                    )
+                if validator is not None:
+                    validator.check(resp.headers, complete, what)
+                length = last - first + 1
+                got = await self._copy_body(resp, sink, 0, length)
+                if got < length:
+                    raise _TransientUnavailable(f"{what}: body ended after {got} of {length} bytes")
+                return got, complete is not None and last + 1 == complete
+            if resp.status == 200:
+                # The origin ignored Range: the body is the whole object.
+                if validator is not None:
+                    validator.check(resp.headers, resp.content_length, what)
+                return await self._copy_body(resp, sink, pos, sink.room), True
+            if resp.status == 416:
+                size = _unsatisfied_size(resp)
+                if size is not None and size > pos:
+                    raise OriginUnavailable(f"{what}: 416 although the size is {size}")
+                if validator is not None:
+                    validator.check(resp.headers, size, what)
+                return 0, True
+            raise await self._error(resp, "GET", url, pinned=validator is not None)
+
+    @staticmethod
+    async def _copy_body(resp: aiohttp.ClientResponse, sink: _Sink, skip: int, limit: int) -> int:
+        """Copies body bytes ``[skip, skip + limit)`` into ``sink`` as they arrive."""
+        copied = 0
+        while copied < limit:
+            chunk = await resp.content.readany()
+            if not chunk:
+                break  # the body is complete (aiohttp raises if it was cut short)
+            view = memoryview(chunk)
+            if skip:
+                dropped = min(skip, len(view))
+                skip -= dropped
+                view = view[dropped:]
+            view = view[: limit - copied]
+            if view:
+                sink.write(view)
+                copied += len(view)
+        return copied
+
+    async def list_dir(self, path: str) -> list[DirEntry]:
+        url = self._url(path, directory=True)
+        return await self._retrying(lambda: self._list_once(url))
+
+    async def _list_once(self, url: URL) -> list[DirEntry]:
+        what = f"GET {url}"
+        async with self._exchange("GET", url, headers={"Accept": "application/json"}) as resp:
+            if resp.status != 200:
+                raise await self._error(resp, "GET", url)
+            body = bytearray()
+            async for chunk in resp.content.iter_any():
+                body += chunk
+                if len(body) > _LISTING_LIMIT:
+                    raise OriginUnavailable(f"{what}: listing larger than {_LISTING_LIMIT} bytes")
+        try:
+            data = json.loads(body)
+        except ValueError as exc:
+            raise OriginUnavailable(
+                f"{what}: listing is not JSON (nginx needs 'autoindex_format json;')"
+            ) from exc
+        return _parse_listing(data, what)
+
+    async def check(self) -> None:
+        url = URL(self._base, encoded=True)
+        async with self._exchange("HEAD", url) as resp:
+            if resp.status >= 500:
+                raise await self._error(resp, "HEAD", url)
+
+    async def close(self) -> None:
+        self._closed = True
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    # --------------------------------------------------------------- writing
+
+    async def write_from(self, path: str, offset: int, buffers: Sequence[memoryview]) -> int:
+        self._require_writes()
+        total = sum(len(b) for b in buffers)
+        if total == 0:
+            return 0
+        headers = {
+            "Content-Range": f"bytes {offset}-{offset + total - 1}/*",
+            "Content-Length": str(total),
+            "Content-Type": "application/octet-stream",
+        }
+        body: object = buffers[0] if len(buffers) == 1 else _iterate(buffers)
+        await self._write(self._url(path), "PUT", headers=headers, data=body)
+        return total
+
+    async def set_size(self, path: str, size: int) -> None:
+        self._require_writes()
+        await self._write(self._url(path, query=f"truncate={size}"), "POST")
+
+    async def allocate(self, path: str, offset: int, length: int) -> None:
+        """Grows the file to ``offset + length`` if shorter, like fallocate.
+
+        The truncate is pinned to the stat it is based on, so a concurrent
+        writer's growth is never undone; on a conflict the stat is redone.
+        """
+        self._require_writes()
+        end = offset + length
+        for _ in range(_ALLOCATE_ATTEMPTS):
+            stat = await self.stat(path)
+            if stat.size >= end:
+                return
+            url = self._url(path, query=f"truncate={end}")
+            with contextlib.suppress(OriginConflict):
+                await self._write(url, "POST", headers=_Validator.parse(stat.etag).headers())
+                return
+        raise OriginConflict(f"{path!r} kept changing while allocating at {self._base}")
+
+    async def sync(self, path: str) -> None:
+        self._require_writes()
+        await self._write(self._url(path, query="fsync"), "POST")
+
+    async def rewrite(
+        self, path: str, size: int, changed: Sequence[tuple[int, int]], read_changed: ChangedReader
+    ) -> OriginStat:
+        """Streams the whole new object in one PUT pinned to the old version (atomic)."""
+        self._require_writes()
+        try:
+            old: OriginStat | None = await self.stat(path)
+        except OriginNotFound:
+            old = None
+        pin = _Validator.parse(old.etag).headers() if old is not None else {"If-None-Match": "*"}
+        headers = {"Content-Length": str(size), **pin}
+        body = self._rewritten(path, size, changed, read_changed, old)
+        await self._streamed_put(self._url(path), body, headers)
+        return await self.stat(path)
+
+    async def _rewritten(
+        self,
+        path: str,
+        size: int,
+        changed: Sequence[tuple[int, int]],
+        read_changed: ChangedReader,
+        old: OriginStat | None,
+    ) -> AsyncIterator[bytes | memoryview]:
+        """The bytes of the new version: changed ranges, old bytes, then zeros."""
+        old_size = old.size if old is not None else 0
+        pos = 0
+        for start, end in [*changed, (size, size)]:
+            for piece_start in range(pos, min(start, old_size), _STREAM_PIECE):
+                assert old is not None
+                piece = memoryview(
+                    bytearray(min(_STREAM_PIECE, min(start, old_size) - piece_start))
+                )
+                got = await self.read_into(path, piece_start, [piece], old.etag)
+                if got != len(piece):
+                    raise OriginConflict(f"{path!r} shrank at {self._base} during a rewrite")
+                yield piece
+            for piece_start in range(max(pos, old_size), start, _STREAM_PIECE):
+                yield bytes(min(_STREAM_PIECE, start - piece_start))
+            for piece_start in range(start, min(end, size), _STREAM_PIECE):
+                length = min(_STREAM_PIECE, min(end, size) - piece_start)
+                data = await read_changed(piece_start, length)
+                if len(data) != length:
+                    raise RuntimeError(f"read_changed gave {len(data)} bytes, not {length}")
+                yield data
+            pos = max(pos, end)
+
+    async def replace(self, path: str, chunks: AsyncIterable[bytes]) -> OriginStat:
+        self._require_writes()
+        await self._streamed_put(self._url(path), chunks, {})
+        return await self.stat(path)
+
+    async def create(self, path: str) -> OriginStat:
+        """Creates an empty file unless one exists.
+
+        Stats first, because a PUT that ignores ``If-None-Match: *`` would
+        empty an existing file; the conditional PUT narrows the race to
+        origins that ignore the header.
+        """
+        self._require_writes()
+        with contextlib.suppress(OriginNotFound):
+            return await self.stat(path)
+        url = self._url(path)
+        headers = {"If-None-Match": "*", "Content-Length": "0"}
+        async with self._exchange("PUT", url, headers=headers, data=b"") as resp:
+            if resp.status // 100 != 2 and resp.status != 412:  # 412: created meanwhile
+                raise await self._error(resp, "PUT", url, write=True)
+        return await self.stat(path)
+
+    async def remove(self, path: str) -> None:
+        self._require_writes()
+        await self._write(self._url(path), "DELETE")
+
+    def _require_writes(self) -> None:
+        if not self._writes:
+            raise OriginUnsupported(READ_ONLY_MESSAGE)
+
+    async def _write(
+        self, url: URL, method: str, *, headers: dict[str, str] | None = None, data: object = None
+    ) -> None:
+        """One non-idempotent request; any non-2xx answer is an error (no retries)."""
+        async with self._exchange(method, url, headers=headers, data=data) as resp:
+            if resp.status // 100 != 2:
+                raise await self._error(resp, method, url, write=True, pinned=True)
+
+    async def _streamed_put(
+        self, url: URL, chunks: AsyncIterable[bytes | memoryview], headers: dict[str, str]
+    ) -> None:
+        """PUTs the chunks as the body; if they raise, re-raises their error.
+
+        aiohttp wraps an error of the body iterator into a connection error,
+        so it is caught on the way out and raised again as it was.
+        """
+        failures: list[Exception] = []
+
+        async def body() -> AsyncIterator[bytes | memoryview]:
+            try:
+                async for chunk in chunks:
+                    yield chunk
+            except Exception as exc:
+                failures.append(exc)
+                raise
+
+        headers = {"Content-Type": "application/octet-stream", **headers}
+        try:
+            await self._write(url, "PUT", headers=headers, data=body())
+        except OriginError:
+            if failures:
+                raise failures[0] from None
+            raise
+        if failures:
+            raise failures[0]
+
+    # ------------------------------------------------------------- plumbing
+
+    def _url(self, path: str, *, directory: bool = False, query: str = "") -> URL:
+        """The URL of an origin-relative path; refuses paths that leave the base."""
+        segments = path.split("/") if path else []
+        for segment in segments:
+            if segment in ("", ".", "..") or "\0" in segment:
+                raise OriginPermissionDenied(f"path {path!r} is not inside {self._base}")
+        if not segments and not directory:
+            raise OriginNotFound(f"the root of {self._base} is not a file")
+        url = self._base + "/".join(urllib.parse.quote(s, safe="") for s in segments)
+        if directory and segments:
+            url += "/"
+        if query:
+            url += "?" + query
+        return URL(url, encoded=True)
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._closed:
+            raise RuntimeError("HttpOrigin used after close()")
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0),
+                timeout=aiohttp.ClientTimeout(
+                    total=None, sock_connect=self._connect_timeout, sock_read=self._read_timeout
+                ),
+                headers=self._headers,
+                auto_decompress=False,
+            )
+        return self._session
+
+    @contextlib.asynccontextmanager
+    async def _exchange(
+        self, method: str, url: URL, *, headers: dict[str, str] | None = None, data: object = None
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """One request; aiohttp's failures leave as OriginErrors (body reading included)."""
+        what = f"{method} {url}"
+        kwargs: dict[str, Any] = {"headers": headers, "allow_redirects": False}
+        if data is not None:
+            kwargs["data"] = data
+        try:
+            async with self._client().request(method, url, **kwargs) as resp:
+                yield resp
+        except TimeoutError as exc:
+            raise _TransientTimeout(f"{what}: timed out") from exc
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+            raise _TransientUnavailable(f"{what}: {exc or type(exc).__name__}") from exc
+        except aiohttp.ClientError as exc:
+            raise OriginUnavailable(f"{what}: {exc or type(exc).__name__}") from exc
+
+    async def _retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Runs an idempotent request, retrying transient failures with backoff."""
+        tries = 0
+        while True:
+            try:
+                return await attempt()
+            except _TRANSIENT as exc:
+                if tries >= self._retries:
+                    raise
+                delay = _BACKOFF_BASE * 4**tries
+                tries += 1
+                logger.debug("retrying in %.2fs (%d/%d): %s", delay, tries, self._retries, exc)
+                await asyncio.sleep(delay)
+
+    async def _error(
+        self,
+        resp: aiohttp.ClientResponse,
+        method: str,
+        url: URL,
+        *,
+        pinned: bool = False,
+        write: bool = False,
+    ) -> OriginError:
+        """The OriginError for an unwanted status (``pinned``: a 412 is a conflict)."""
+        status = resp.status
+        message = f"{method} {url}: HTTP {status}"
+        detail = await _error_detail(resp)
+        if detail:
+            message += f": {detail}"
+        if status in (404, 410):
+            return OriginNotFound(message)
+        if status in (401, 403):
+            return OriginPermissionDenied(message)
+        if status == 412 and pinned:
+            return OriginConflict(message)
+        if status in (413, 507):
+            return OriginNoSpace(message)
+        if write and status in (405, 501):
+            return OriginUnsupported(message)
+        if status == 504:  # a lower cachesvc tier's origin timed out
+            return _TransientTimeout(message)
+        if status in (408, 429) or (status >= 500 and status != 501):
+            return _TransientUnavailable(message)
+        if 300 <= status < 400:
+            message += f" (redirect to {resp.headers.get('Location', '?')} not followed)"
+        return OriginUnavailable(message)
+
+
+async def _error_detail(resp: aiohttp.ClientResponse) -> str:
+    """A short text from an error body: cachesvc's JSON ``message``, else its first line."""
+    try:
+        raw = await resp.content.read(_ERROR_BODY_LIMIT)
+    except (aiohttp.ClientError, TimeoutError):
+        return ""
+    text = raw.decode("utf-8", "replace").strip()
+    with contextlib.suppress(ValueError):
+        data = json.loads(text)
+        if isinstance(data, dict) and isinstance(data.get("message"), str):
+            return str(data["message"])[:200]
+    return text.split("\n", 1)[0][:200] if text and not text.startswith("<") else ""
+
+
+async def _iterate(buffers: Sequence[memoryview]) -> AsyncIterator[memoryview]:
+    """The buffers as a request body, without joining them."""
+    for buf in buffers:
+        yield buf

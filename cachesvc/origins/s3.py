@@ -1,0 +1,701 @@
+"""S3 origin (AWS S3, MinIO, Ceph RGW ...) on aiobotocore.
+
+A path ``a/b`` is the key ``<prefix>/a/b``; "directories" are key prefixes
+ending in ``/`` (listed with ``Delimiter='/'``). Objects cannot be changed in
+place, so the origin has no partial writes: the cache buffers writes and hands
+them back through :meth:`S3Origin.rewrite`, which writes a new object.
+
+A small new object is assembled in memory and sent with one ``PutObject``. A
+large one goes up as a multipart upload of ``part_size`` parts; a part that no
+changed range touches and that lies wholly inside the old object is copied
+server-side with ``UploadPartCopy``, so a small change to a large object moves
+only the parts it touches. ``PutObject`` and ``CompleteMultipartUpload`` are
+atomic, so readers see the old object or the new one, never a mix. A multipart
+upload that fails or is cancelled is aborted (the abort is shielded from
+cancellation), so no incomplete upload is left behind to be billed.
+
+Etags are kept without their quotes (``OriginStat.etag`` is opaque) and quoted
+again when sent in ``If-Match`` headers.
+
+The client is created lazily on the running event loop and belongs to it; an
+S3Origin must only be used from that loop.
+
+Lock order:
+    S3Origin._client_lock
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import urllib.parse
+from bisect import bisect_right
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterator, Sequence
+from contextlib import AsyncExitStack
+from typing import TYPE_CHECKING
+
+import aiohttp
+from aiobotocore.config import AioConfig
+from aiobotocore.session import AioSession, get_session
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectTimeoutError,
+    ReadTimeoutError,
+)
+
+from cachesvc.origins.base import (
+    Capabilities,
+    ChangedReader,
+    DirEntry,
+    OriginConflict,
+    OriginError,
+    OriginNoSpace,
+    OriginNotFound,
+    OriginPermissionDenied,
+    OriginStat,
+    OriginTimeout,
+    OriginUnavailable,
+    OriginUnsupported,
+)
+
+if TYPE_CHECKING:
+    from types_aiobotocore_s3 import S3Client
+    from types_aiobotocore_s3.type_defs import CompletedPartTypeDef
+
+logger = logging.getLogger(__name__)
+
+MIN_PART_SIZE = 5 << 20
+"""S3's smallest part (all parts but the last), and the smallest object whose
+ranges ``UploadPartCopy`` may copy."""
+
+MAX_PART_SIZE = 5 << 30
+"""S3's largest part, and the largest ``PutObject``."""
+
+MAX_PARTS = 10_000
+"""S3's largest part number."""
+
+_NOT_FOUND_CODES = frozenset({"NoSuchKey", "NotFound", "404"})
+_DENIED_CODES = frozenset(
+    {
+        "AccessDenied",
+        "403",
+        "AllAccessDisabled",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "ExpiredToken",
+        "InvalidToken",
+    }
+)
+_CONFLICT_CODES = frozenset({"PreconditionFailed", "412"})
+_NO_SPACE_CODES = frozenset({"EntityTooLarge", "QuotaExceeded", "XMinioStorageFull"})
+_TIMEOUT_CODES = frozenset({"RequestTimeout", "RequestTimeTooSkewed"})
+
+
+def _quote(etag: str) -> str:
+    return f'"{etag}"'
+
+
+def _unquote(etag: str) -> str:
+    return etag.strip('"')
+
+
+def _error_code(exc: ClientError) -> tuple[str, int]:
+    """The S3 error code and HTTP status of ``exc`` (status 0 when unknown)."""
+    code = str(exc.response.get("Error", {}).get("Code", ""))
+    status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+    return code, status
+
+
+def translate_error(exc: Exception, what: str, bucket: str) -> OriginError:
+    """The OriginError for a failure of aiobotocore, botocore or aiohttp.
+
+    ``what`` names the operation and key for the message. A missing bucket is
+    a misconfiguration, not a missing file: OriginUnavailable.
+    """
+    if isinstance(exc, ClientError):
+        code, status = _error_code(exc)
+        detail = f"{what}: {code or status} {exc.response.get('Error', {}).get('Message', '')}"
+        if code == "NoSuchBucket":
+            return OriginUnavailable(f"{what}: bucket {bucket!r} does not exist")
+        if code in _NOT_FOUND_CODES or status == 404:
+            return OriginNotFound(detail)
+        if code in _DENIED_CODES or status == 403:
+            return OriginPermissionDenied(detail)
+        if code in _CONFLICT_CODES or status == 412:
+            return OriginConflict(detail)
+        if code in _NO_SPACE_CODES or status == 507:
+            return OriginNoSpace(detail)
+        if code in _TIMEOUT_CODES:
+            return OriginTimeout(detail)
+        return OriginUnavailable(detail)
+    if isinstance(exc, ReadTimeoutError | ConnectTimeoutError | TimeoutError):
+        return OriginTimeout(f"{what}: {exc or type(exc).__name__}")
+    return OriginUnavailable(f"{what}: {exc or type(exc).__name__}")
+
+
+class S3Origin:
+    """Files under ``prefix`` in one S3 bucket."""
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        part_size: int = 8 << 20,
+        small_object_limit: int = 8 << 20,
+        max_pool_connections: int = 64,
+        upload_concurrency: int = 4,
+        list_page_size: int = 1000,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 60.0,
+        session: AioSession | None = None,
+    ) -> None:
+        """Raises ValueError for a bad setting.
+
+        Credentials come from botocore's default chain (``AWS_ACCESS_KEY_ID``
+        and friends, config files, instance metadata). ``session`` lets a
+        caller register botocore event hooks before the client exists.
+        """
+        if not bucket or "/" in bucket:
+            raise ValueError(f"invalid S3 bucket name {bucket!r}")
+        if not MIN_PART_SIZE <= part_size <= MAX_PART_SIZE:
+            raise ValueError(f"S3 part size must be between 5 MiB and 5 GiB, not {part_size}")
+        if not 0 <= small_object_limit <= MAX_PART_SIZE:
+            raise ValueError(f"S3 small object limit must be at most 5 GiB: {small_object_limit}")
+        if upload_concurrency < 1 or list_page_size < 1 or max_pool_connections < 1:
+            raise ValueError("S3 concurrency, page size and pool size must be positive")
+        if endpoint_url is not None:
+            parts = urllib.parse.urlsplit(endpoint_url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"invalid S3 endpoint URL {endpoint_url!r}")
+        self.bucket = bucket  # Immutable.
+        self.prefix = prefix.strip("/")  # Immutable.
+        self.endpoint_url = endpoint_url  # Immutable.
+        self.region = region  # Immutable.
+        self.part_size = part_size  # Immutable.
+        self.small_object_limit = small_object_limit  # Immutable.
+        self.upload_concurrency = upload_concurrency  # Immutable.
+        self.list_page_size = list_page_size  # Immutable.
+        self._session = session or get_session()  # Immutable.
+        self._config = AioConfig(  # Immutable.
+            s3={"addressing_style": "path"},
+            retries={"max_attempts": 3, "mode": "standard"},
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            max_pool_connections=max_pool_connections,
+            # Checksums only where S3 requires them: MinIO and Ceph releases
+            # before 2025 reject the CRC trailers newer botocore adds by default.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        self._client_lock = asyncio.Lock()
+        self._stack: AsyncExitStack | None = None  # Protected by _client_lock.
+        # Changed under _client_lock (set on first use, cleared by close);
+        # read without it.
+        self._client: S3Client | None = None
+        self._closed = False  # Protected by _client_lock.
+        # Aborts of multipart uploads that outlived a cancelled caller; close()
+        # waits for them. Only touched on the event loop.
+        self._aborts: set[asyncio.Task[None]] = set()
+
+    @classmethod
+    def from_url(
+        cls, url: str, *, endpoint_url: str | None = None, region: str | None = None
+    ) -> S3Origin:
+        """An S3Origin for ``s3://bucket[/prefix]``; ValueError if malformed."""
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme.lower() != "s3" or not parts.netloc or parts.query or parts.fragment:
+            raise ValueError(f"invalid S3 origin {url!r}: expected s3://bucket/prefix")
+        return cls(parts.netloc, parts.path, endpoint_url=endpoint_url, region=region)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(writable=True, partial_writes=False, durable_sync=False)
+
+    @property
+    def description(self) -> str:
+        where = f"s3://{self.bucket}/{self.prefix}"
+        if self.endpoint_url is None:
+            return where
+        endpoint = urllib.parse.urlsplit(self.endpoint_url)
+        return f"{where} at {endpoint.scheme}://{endpoint.netloc.rpartition('@')[2]}"
+
+    # -- plumbing ---------------------------------------------------------------
+
+    async def _get_client(self) -> S3Client:
+        client = self._client
+        if client is not None:
+            return client
+        async with self._client_lock:
+            if self._closed:
+                raise OriginUnavailable(f"{self.description}: origin is closed")
+            client = self._client
+            if client is None:
+                stack = AsyncExitStack()
+                with self._errors("connecting"):
+                    client = await stack.enter_async_context(
+                        self._session.create_client(
+                            "s3",
+                            endpoint_url=self.endpoint_url,
+                            region_name=self.region,
+                            config=self._config,
+                        )
+                    )
+                self._stack = stack
+                self._client = client
+            return client
+
+    @contextlib.contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        """Translates library failures inside the block into OriginErrors.
+
+        Everything else (OriginErrors, the caller's own exceptions from
+        ``read_changed`` or ``chunks``, cancellation) passes through.
+        """
+        try:
+            yield
+        except (ClientError, BotoCoreError, aiohttp.ClientError, TimeoutError) as exc:
+            raise translate_error(exc, what, self.bucket) from exc
+
+    def _key(self, path: str) -> str:
+        """The object key of a file path; OriginPermissionDenied if the path is invalid."""
+        if any(seg in ("", ".", "..") or "\0" in seg for seg in path.split("/")):
+            raise OriginPermissionDenied(f"invalid path {path!r}")
+        return f"{self.prefix}/{path}" if self.prefix else path
+
+    def _dir_prefix(self, path: str) -> str:
+        """The key prefix (ending in '/', or empty) listing directory ``path``."""
+        base = self._key(path) if path else self.prefix
+        return f"{base}/" if base else ""
+
+    async def _head(self, key: str) -> OriginStat:
+        client = await self._get_client()
+        with self._errors(f"HeadObject {key}"):
+            resp = await client.head_object(Bucket=self.bucket, Key=key)
+        return OriginStat(
+            size=resp["ContentLength"],
+            mtime=resp["LastModified"].timestamp(),
+            etag=_unquote(resp["ETag"]),
+        )
+
+    async def _head_or_none(self, key: str) -> OriginStat | None:
+        try:
+            return await self._head(key)
+        except OriginNotFound:
+            return None
+
+    async def _get_into(
+        self, key: str, offset: int, buffers: Sequence[memoryview], etag: str | None
+    ) -> int:
+        """Fills ``buffers`` from ``offset`` of ``key`` with one ranged GetObject."""
+        total = sum(len(buf) for buf in buffers)
+        if total == 0:
+            return 0
+        client = await self._get_client()
+        what = f"GetObject {key}"
+        with self._errors(what):
+            try:
+                if etag is None:
+                    resp = await client.get_object(
+                        Bucket=self.bucket, Key=key, Range=f"bytes={offset}-{offset + total - 1}"
+                    )
+                else:
+                    resp = await client.get_object(
+                        Bucket=self.bucket,
+                        Key=key,
+                        Range=f"bytes={offset}-{offset + total - 1}",
+                        IfMatch=_quote(etag),
+                    )
+            except ClientError as exc:
+                code, status = _error_code(exc)
+                if code == "InvalidRange" or status == 416:
+                    return 0  # offset at or past the end
+                raise
+            async with resp["Body"] as body:
+                # A server that ignores Range answers 200 with the whole object.
+                content_range = resp.get("ContentRange", "")
+                if (offset > 0 or content_range) and not content_range.startswith(
+                    f"bytes {offset}-"
+                ):
+                    raise OriginUnavailable(f"{what}: range ignored ({content_range!r})")
+                filled = 0
+                for buf in buffers:
+                    pos = 0
+                    while pos < len(buf):
+                        n = await body.readinto(buf[pos:])  # type: ignore[arg-type]
+                        if n == 0:
+                            return filled
+                        pos += n
+                        filled += n
+                return filled
+
+    async def _put(self, key: str, data: bytes) -> None:
+        client = await self._get_client()
+        with self._errors(f"PutObject {key}"):
+            await client.put_object(Bucket=self.bucket, Key=key, Body=data)
+
+    async def _start_upload(self, key: str) -> _MultipartUpload:
+        client = await self._get_client()
+        with self._errors(f"CreateMultipartUpload {key}"):
+            resp = await client.create_multipart_upload(Bucket=self.bucket, Key=key)
+        return _MultipartUpload(self, client, key, resp["UploadId"])
+
+    # -- reading ------------------------------------------------------------------
+
+    async def stat(self, path: str) -> OriginStat:
+        return await self._head(self._key(path))
+
+    async def read_into(
+        self, path: str, offset: int, buffers: Sequence[memoryview], etag: str | None = None
+    ) -> int:
+        return await self._get_into(self._key(path), offset, buffers, etag)
+
+    async def list_dir(self, path: str) -> list[DirEntry]:
+        prefix = self._dir_prefix(path)
+        client = await self._get_client()
+        entries: list[DirEntry] = []
+        seen_any = False
+        paginator = client.get_paginator("list_objects_v2")
+        with self._errors(f"ListObjectsV2 {prefix}"):
+            async for page in paginator.paginate(
+                Bucket=self.bucket,
+                Prefix=prefix,
+                Delimiter="/",
+                PaginationConfig={"PageSize": self.list_page_size},
+            ):
+                for common in page.get("CommonPrefixes", []):
+                    seen_any = True
+                    name = common.get("Prefix", "")[len(prefix) : -1]
+                    if _listable(name):
+                        entries.append(DirEntry(name, is_dir=True, size=0, mtime=0.0))
+                for obj in page.get("Contents", []):
+                    seen_any = True
+                    name = obj["Key"][len(prefix) :]
+                    if _listable(name):  # the "dir/" marker itself has an empty name
+                        entries.append(
+                            DirEntry(
+                                name,
+                                is_dir=False,
+                                size=obj["Size"],
+                                mtime=obj["LastModified"].timestamp(),
+                            )
+                        )
+        if not seen_any and path:
+            raise OriginNotFound(f"no directory {path!r} in {self.description}")
+        entries.sort(key=lambda entry: entry.name)
+        return entries
+
+    async def check(self) -> None:
+        client = await self._get_client()
+        try:
+            with self._errors(f"HeadBucket {self.bucket}"):
+                await client.head_bucket(Bucket=self.bucket)
+        except OriginNotFound as exc:
+            raise OriginUnavailable(f"bucket {self.bucket!r} does not exist") from exc
+
+    # -- writing ------------------------------------------------------------------
+
+    async def write_from(self, path: str, offset: int, buffers: Sequence[memoryview]) -> int:
+        raise OriginUnsupported("S3 objects cannot be written in place")
+
+    async def set_size(self, path: str, size: int) -> None:
+        raise OriginUnsupported("S3 objects cannot be resized in place")
+
+    async def allocate(self, path: str, offset: int, length: int) -> None:
+        raise OriginUnsupported("S3 objects cannot be allocated in place")
+
+    async def sync(self, path: str) -> None:
+        """Nothing to do: an object is durable once its write returned."""
+
+    async def rewrite(
+        self, path: str, size: int, changed: Sequence[tuple[int, int]], read_changed: ChangedReader
+    ) -> OriginStat:
+        """Writes the new object; old bytes are read (or copied) at the old etag.
+
+        If the object changes at the origin meanwhile, the ranged reads and
+        (on S3) the part copies fail with OriginConflict and nothing is written.
+        Exceptions raised by ``read_changed`` propagate unchanged.
+        """
+        key = self._key(path)
+        old = await self._head_or_none(key)
+        source = _Source(self, key, old, _clip(changed, size), read_changed)
+        if size <= self.small_object_limit:
+            await self._put(key, bytes(await source.assemble(0, size)))
+            return await self._head(key)
+        part_size = self._part_size_for(size)
+        upload = await self._start_upload(key)
+        try:
+            for start in range(0, size, part_size):
+                end = min(start + part_size, size)
+                if source.can_copy(start, end):
+                    await upload.copy_part(start, end, source.old_etag)
+                else:
+                    await upload.upload_part(bytes(await source.assemble(start, end)))
+            await upload.complete()
+        except BaseException:
+            await upload.abort()
+            raise
+        return await self._head(key)
+
+    def _part_size_for(self, size: int) -> int:
+        """``part_size``, or larger (whole MiB) if ``size`` needs more than MAX_PARTS parts."""
+        needed = -(-size // MAX_PARTS)
+        return max(self.part_size, -(-needed // (1 << 20)) << 20)
+
+    async def replace(self, path: str, chunks: AsyncIterable[bytes]) -> OriginStat:
+        """Streams ``chunks`` into a new object, holding at most a few parts in memory."""
+        key = self._key(path)
+        pending = bytearray()
+        upload: _MultipartUpload | None = None
+        try:
+            async for chunk in chunks:
+                pending += chunk
+                while len(pending) > self.part_size:
+                    if upload is None:
+                        upload = await self._start_upload(key)
+                    await upload.upload_part(bytes(pending[: self.part_size]))
+                    del pending[: self.part_size]
+            if upload is None:
+                await self._put(key, bytes(pending))
+            else:
+                await upload.upload_part(bytes(pending))
+                await upload.complete()
+        except BaseException:
+            if upload is not None:
+                await upload.abort()
+            raise
+        return await self._head(key)
+
+    async def create(self, path: str) -> OriginStat:
+        """Puts an empty object unless one exists ("directories" need no creating)."""
+        key = self._key(path)
+        existing = await self._head_or_none(key)
+        if existing is not None:
+            return existing
+        await self._put(key, b"")
+        return await self._head(key)
+
+    async def remove(self, path: str) -> None:
+        key = self._key(path)
+        await self._head(key)  # DeleteObject succeeds for missing keys
+        client = await self._get_client()
+        with self._errors(f"DeleteObject {key}"):
+            await client.delete_object(Bucket=self.bucket, Key=key)
+
+    async def close(self) -> None:
+        """Waits for pending aborts, then closes the client's connections."""
+        if self._aborts:
+            await asyncio.gather(*self._aborts, return_exceptions=True)
+        async with self._client_lock:
+            self._closed = True
+            stack, self._stack, self._client = self._stack, None, None
+        if stack is not None:
+            await stack.aclose()
+
+    def _keep_abort(self, task: asyncio.Task[None]) -> None:
+        """Keeps ``task`` (an abort whose caller was cancelled) alive until it ends."""
+        self._aborts.add(task)
+        task.add_done_callback(self._aborts.discard)
+
+
+def _listable(name: str) -> bool:
+    """Whether a listed key name can be addressed as a path segment."""
+    return name not in ("", ".", "..") and "\0" not in name
+
+
+def _clip(changed: Sequence[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    """``changed`` clipped to ``[0, size)``, empty ranges dropped."""
+    clipped = [(max(start, 0), min(end, size)) for start, end in changed]
+    return [(start, end) for start, end in clipped if start < end]
+
+
+class _Source:
+    """The bytes of a rewritten object: old bytes, changed bytes and zeros. Immutable."""
+
+    def __init__(
+        self,
+        origin: S3Origin,
+        key: str,
+        old: OriginStat | None,
+        changed: list[tuple[int, int]],
+        read_changed: ChangedReader,
+    ) -> None:
+        self._origin = origin
+        self._key = key
+        self.old_size = old.size if old is not None else 0
+        self.old_etag = old.etag if old is not None else ""
+        self._changed = changed
+        self._starts = [start for start, _ in changed]
+        self._read_changed = read_changed
+
+    def _changed_in(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The changed ranges overlapping ``[start, end)``, clipped to it."""
+        i = max(bisect_right(self._starts, start) - 1, 0)
+        found = []
+        for cstart, cend in self._changed[i:]:
+            if cstart >= end:
+                break
+            if cend > start:
+                found.append((max(cstart, start), min(cend, end)))
+        return found
+
+    def can_copy(self, start: int, end: int) -> bool:
+        """Whether part ``[start, end)`` is old bytes that UploadPartCopy may copy."""
+        return (
+            self.old_size > MIN_PART_SIZE
+            and end <= self.old_size
+            and not self._changed_in(start, end)
+        )
+
+    async def assemble(self, start: int, end: int) -> bytearray:
+        """The new bytes of ``[start, end)``.
+
+        The old bytes it needs come from one ranged GetObject spanning them all
+        (changed bytes in between are fetched and overwritten): one request
+        per part however scattered the changes are.
+        """
+        buf = bytearray(end - start)  # zeros, which is right past the old size
+        view = memoryview(buf)
+        changed = self._changed_in(start, end)
+        old_end = min(end, self.old_size)
+        unchanged = [
+            (gstart, gend)
+            for gstart, gend in zip(
+                [start] + [cend for _, cend in changed],
+                [cstart for cstart, _ in changed] + [old_end],
+                strict=True,
+            )
+            if gstart < min(gend, old_end)
+        ]
+        if unchanged:
+            first, last = unchanged[0][0], min(unchanged[-1][1], old_end)
+            want = last - first
+            got = await self._origin._get_into(
+                self._key, first, [view[first - start : last - start]], self.old_etag
+            )
+            if got != want:
+                raise OriginConflict(f"{self._key} shrank while being rewritten")
+        for cstart, cend in changed:
+            data = await self._read_changed(cstart, cend - cstart)
+            if len(data) != cend - cstart:
+                raise RuntimeError(
+                    f"read_changed({cstart}, {cend - cstart}) returned {len(data)} bytes"
+                )
+            view[cstart - start : cend - start] = data
+        return buf
+
+
+class _MultipartUpload:
+    """One in-progress multipart upload; parts go up ``upload_concurrency`` at a time.
+
+    Parts are numbered in the order they are handed in. Only used by the task
+    that started it.
+    """
+
+    def __init__(self, origin: S3Origin, client: S3Client, key: str, upload_id: str) -> None:
+        self._origin = origin  # Immutable.
+        self._client = client  # Immutable.
+        self._key = key  # Immutable.
+        self._upload_id = upload_id  # Immutable.
+        self._slots = asyncio.Semaphore(origin.upload_concurrency)
+        self._tasks: list[asyncio.Task[CompletedPartTypeDef]] = []
+
+    def _check_failed(self) -> None:
+        """Re-raises the error of the first part that failed so far."""
+        for task in self._tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                task.result()
+
+    async def _spawn(self, send: Callable[[int], Awaitable[str]], what: str) -> None:
+        """Waits for a free slot, then sends a part in the background."""
+        await self._slots.acquire()
+        try:
+            self._check_failed()
+        except BaseException:
+            self._slots.release()
+            raise
+        number = len(self._tasks) + 1
+        if number > MAX_PARTS:
+            self._slots.release()
+            raise OriginNoSpace(f"{self._key}: more than {MAX_PARTS} parts")
+
+        async def run() -> CompletedPartTypeDef:
+            try:
+                with self._origin._errors(f"{what} {self._key} part {number}"):
+                    etag = await send(number)
+                return {"PartNumber": number, "ETag": etag}
+            finally:
+                self._slots.release()
+
+        self._tasks.append(asyncio.create_task(run()))
+
+    async def upload_part(self, data: bytes) -> None:
+        async def send(number: int) -> str:
+            resp = await self._client.upload_part(
+                Bucket=self._origin.bucket,
+                Key=self._key,
+                UploadId=self._upload_id,
+                PartNumber=number,
+                Body=data,
+            )
+            return resp["ETag"]
+
+        await self._spawn(send, "UploadPart")
+
+    async def copy_part(self, start: int, end: int, etag: str) -> None:
+        """Copies ``[start, end)`` of the current object (which must have ``etag``)."""
+
+        async def send(number: int) -> str:
+            resp = await self._client.upload_part_copy(
+                Bucket=self._origin.bucket,
+                Key=self._key,
+                UploadId=self._upload_id,
+                PartNumber=number,
+                CopySource={"Bucket": self._origin.bucket, "Key": self._key},
+                CopySourceRange=f"bytes={start}-{end - 1}",
+                CopySourceIfMatch=_quote(etag),
+            )
+            return resp["CopyPartResult"]["ETag"]
+
+        await self._spawn(send, "UploadPartCopy")
+
+    async def complete(self) -> None:
+        parts = list(await asyncio.gather(*self._tasks))
+        with self._origin._errors(f"CompleteMultipartUpload {self._key}"):
+            await self._client.complete_multipart_upload(
+                Bucket=self._origin.bucket,
+                Key=self._key,
+                UploadId=self._upload_id,
+                MultipartUpload={"Parts": parts},
+            )
+
+    async def abort(self) -> None:
+        """Stops the part uploads and aborts the upload; raises only CancelledError.
+
+        The work runs in its own task: if the caller is cancelled again
+        meanwhile, it still finishes (S3Origin.close waits for it).
+        """
+        abort = asyncio.create_task(self._abort_now())
+        try:
+            await asyncio.shield(abort)
+        except asyncio.CancelledError:
+            self._origin._keep_abort(abort)
+            raise
+
+    async def _abort_now(self) -> None:
+        # Parts still in flight could land after the abort and be kept.
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        try:
+            await self._client.abort_multipart_upload(
+                Bucket=self._origin.bucket, Key=self._key, UploadId=self._upload_id
+            )
+        except (ClientError, BotoCoreError, aiohttp.ClientError, TimeoutError) as exc:
+            logger.warning(
+                "could not abort multipart upload %s of %s: %s", self._upload_id, self._key, exc
+            )
