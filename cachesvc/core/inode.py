@@ -1,0 +1,927 @@
+"""CachingInode: one cached origin file.
+
+Follows CachingInodeOperations in the reference design (inode_cached.go),
+rendered for asyncio, with the changes DESIGN.md asks for: fills run outside
+``data_mu`` so they never block reads of cached ranges, concurrent misses
+share one origin read, a failed write-back keeps its data dirty, and cached
+bytes can be handed to a socket as a *mapping*.
+
+Lock order:
+    CachingInode.writeback_mu
+      CachingInode.attr_mu
+        CachingInode.maps_mu
+          CachingInode.data_mu
+
+Invariants (protected as the fields say):
+  - ``cache`` segments are page-aligned file ranges; cached bytes at or past
+    ``size`` are zero.
+  - Every cached range that is not mapped is registered evictable with the
+    MemoryFile; mapped ranges are unevictable.
+  - Each cache segment holds one MemoryFile reference on its memory; each
+    Mapping holds one more on the memory it covers until released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from cachesvc.core.locks import OrderedLock, RWLock
+from cachesvc.core.memfile import MemoryKind
+from cachesvc.core.pages import (
+    copy_from_views,
+    copy_into_views,
+    page_down,
+    page_range,
+    page_up,
+    slice_views,
+)
+from cachesvc.core.ranges import (
+    DirtyInfo,
+    Range,
+    dirty_set,
+    file_range_set,
+    ref_count_set,
+)
+from cachesvc.origins.base import OriginConflict, OriginError, OriginStat
+
+if TYPE_CHECKING:
+    from cachesvc.core.cache import FileCache
+
+log = logging.getLogger("cachesvc.inode")
+
+# The reference design's default fill window (maxFillRange): 64 KiB.
+MIN_READAHEAD = 64 << 10
+# The largest single fill; larger reads are filled in several pieces.
+MAX_FILL = 32 << 20
+# A page-aligned end beyond any file.
+_END = 1 << 62
+
+
+@dataclass(slots=True)
+class Fill:
+    """An origin read in flight for a page-aligned file range."""
+
+    range: Range
+    done: asyncio.Future[None]
+    stale: bool = False  # set when a write or truncate overtook the fill
+
+
+@dataclass(slots=True)
+class Attributes:
+    """Attributes of a cached file; see CachingInode for protection."""
+
+    size: int
+    mtime: float
+    etag_base: str  # origin version the cached content started from
+    version: int = 0  # local modifications since etag_base
+    etag: str = field(default="")  # strong ETag shown to clients
+
+    def refresh_etag(self) -> None:
+        digest = hashlib.blake2b(f"{self.etag_base}/{self.version}".encode(), digest_size=12)
+        self.etag = digest.hexdigest()
+
+
+class Mapping:
+    """Cache pages of one file range, held outside data_mu until released.
+
+    A mapping holds a MemoryFile reference on every page it covers, so the
+    bytes stay valid (and unevicted) while, for example, a response sends
+    them; later writes to the range may still show through.
+    """
+
+    __slots__ = ("_inode", "_memory", "_pages", "_released", "length", "missed", "offset")
+
+    def __init__(
+        self,
+        inode: CachingInode,
+        pages: Range,
+        memory: list[tuple[int, Range]],
+        offset: int,
+        length: int,
+    ) -> None:
+        self._inode = inode
+        self._pages = pages  # page-aligned file range. Immutable.
+        self._memory = memory  # (file offset, memory range) pieces covering _pages. Immutable.
+        self.offset = offset  # first byte of the mapped bytes. Immutable.
+        self.length = length  # number of mapped bytes. Immutable.
+        self.missed = 0  # bytes that had to be filled from the origin for this mapping
+        self._released = False
+
+    def extents(self) -> list[tuple[int, int]]:
+        """``(memory file offset, length)`` pieces holding the mapped bytes, in order."""
+        out: list[tuple[int, int]] = []
+        start, end = self.offset, self.offset + self.length
+        for file_off, mem in self._memory:
+            lo = max(start, file_off)
+            hi = min(end, file_off + mem.length)
+            if lo < hi:
+                out.append((mem.start + lo - file_off, hi - lo))
+        return out
+
+    def views(self) -> list[memoryview]:
+        """Read-only views of the mapped bytes, in order."""
+        memfile = self._inode.memfile
+        out: list[memoryview] = []
+        for mem_off, n in self.extents():
+            mem = page_range(mem_off, mem_off + n)
+            skip = mem_off - mem.start
+            for view in memfile.map_internal(mem, write=False):
+                if skip >= len(view):
+                    skip -= len(view)
+                    continue
+                piece = view[skip : skip + n]
+                out.append(piece)
+                n -= len(piece)
+                skip = 0
+                if n == 0:
+                    break
+        return out
+
+    def tobytes(self) -> bytes:
+        out = bytearray(self.length)
+        copy_from_views(self.views(), memoryview(out))
+        return bytes(out)
+
+    async def release(self) -> None:
+        """Gives the pages back; the mapping must not be used afterwards."""
+        if self._released:
+            return
+        self._released = True
+        await self._inode._remove_mapping(self._pages, self._memory)
+
+
+class CachingInode:
+    """One cached file: attributes, cached pages, dirty ranges and mappings."""
+
+    def __init__(self, cache: FileCache, path: str, stat: OriginStat) -> None:
+        self.cache = cache  # Immutable.
+        self.path = path  # Immutable.
+        self.origin = cache.origin  # Immutable.
+        self.memfile = cache.memfile  # Immutable.
+        self._buffered = not self.origin.capabilities.partial_writes  # Immutable.
+
+        self.writeback_mu = OrderedLock("CachingInode.writeback_mu", 0, self)
+        self.attr_mu = OrderedLock("CachingInode.attr_mu", 1, self)
+        self.maps_mu = OrderedLock("CachingInode.maps_mu", 2, self)
+        self.data_mu = RWLock("CachingInode.data_mu", 3, self)
+
+        # attr.size: reading requires attr_mu or data_mu; changing it requires
+        # both (data_mu for writing). Other attributes are protected by attr_mu
+        # and are also changed only with data_mu held for writing.
+        self.attr = Attributes(size=stat.size, mtime=stat.mtime, etag_base=stat.etag)
+        self.attr.refresh_etag()
+        # Write generation of the newest size change not yet at the origin,
+        # or None. Protected by attr_mu.
+        self._size_dirty_gen: int | None = None
+        # The origin's current version as we know it (None: re-learn at the
+        # next revalidation, after our own in-place writes). Protected by attr_mu.
+        self._origin_etag: str | None = stat.etag
+        # Buffered origins only: origin bytes at or past this offset are stale
+        # (truncated away here) and read as zeros. Protected by data_mu.
+        self._origin_valid = stat.size
+        # Lowest truncation since the current write-back took its snapshot.
+        # Protected by data_mu.
+        self._truncated_to: int | None = None
+        # Last write-back failure, for reports. Protected by attr_mu.
+        self.last_error: OriginError | None = None
+        # Monotonic time the oldest dirty data appeared, or None. Protected by data_mu.
+        self.dirty_since: float | None = None
+
+        # File range -> memory offset. Protected by data_mu.
+        self.cache_set = file_range_set()
+        # Cached ranges newer than the origin. Protected by data_mu.
+        self.dirty = dirty_set()
+        # Mapping counts per file range. Protected by maps_mu.
+        self.mappings = ref_count_set()
+        # Fills in flight, in start order. Added with data_mu held, removed with
+        # it held for writing, or on failure; list changes never span an await.
+        self._fills: list[Fill] = []
+        self._fill_tasks: set[asyncio.Task[None]] = set()
+        # Generation of the newest write. Protected by data_mu.
+        self._write_gen = 0
+        # Readahead state (only a hint; races are harmless). Protected by the event loop.
+        self._ra_next = -1
+        self._ra_window = MIN_READAHEAD
+        # Requests using this inode (FileCache.open). Protected by the event loop.
+        self.users = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"CachingInode({self.path!r}, size={self.attr.size},"
+            f" cached={self.cache_set.total_length}, dirty={self.dirty.total_length},"
+            f" mapped={self.mappings.total_length},"
+            f" fills={len(self._fills)})"
+        )
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def is_idle(self) -> bool:
+        """True when nothing holds this inode: it may be forgotten."""
+        return (
+            self.users == 0
+            and not self.cache_set
+            and not self.dirty
+            and not self.mappings
+            and not self._fills
+            and self._size_dirty_gen is None
+            and not self.attr_mu.locked()
+            and not self.writeback_mu.locked()
+            and not self.data_mu.held
+        )
+
+    @property
+    def has_dirty(self) -> bool:
+        return bool(self.dirty) or self._size_dirty_gen is not None
+
+    def stats(self) -> dict[str, object]:
+        return {
+            "path": self.path,
+            "size": self.attr.size,
+            "cached_bytes": self.cache_set.total_length,
+            "dirty_bytes": self.dirty.total_length,
+            "mapped_bytes": self.mappings.total_length,
+            "etag": self.attr.etag,
+            "last_error": str(self.last_error) if self.last_error else None,
+        }
+
+    def check_invariants(self) -> None:
+        """Asserts the structural invariants (tests call this between steps)."""
+        self.cache_set.check_invariants()
+        self.dirty.check_invariants()
+        self.mappings.check_invariants()
+        for rng, _ in self.cache_set:
+            assert rng.start % 4096 == 0 and rng.end % 4096 == 0, rng
+        for rng, _ in self.dirty:
+            assert not self.cache_set.gaps(rng), f"dirty {rng} not cached"
+        for rng, count in self.mappings:
+            assert count > 0, (rng, count)
+
+    def _bump_version_locked(self) -> None:
+        """Preconditions: attr_mu is held; data_mu is held for writing."""
+        self.attr.version += 1
+        self.attr.mtime = time.time()
+        self.attr.refresh_etag()
+
+    # ------------------------------------------------------------------ reads
+
+    async def read(self, offset: int, length: int) -> bytes:
+        """Returns up to ``length`` bytes at ``offset`` (short at end of file)."""
+        mapping = await self.map_range(offset, length)
+        try:
+            return mapping.tobytes()
+        finally:
+            await mapping.release()
+
+    async def map_range(self, offset: int, length: int) -> Mapping:
+        """Caches ``[offset, offset+length)`` (clipped to the size) and maps it.
+
+        The caller must ``await mapping.release()``. Gaps are filled from the
+        origin, with readahead for sequential access; fills already in flight
+        for the range are shared, and no lock is held while the origin reads.
+        """
+        if offset < 0 or length < 0:
+            raise ValueError(f"bad range offset={offset} length={length}")
+        self._note_access(offset, length)
+        first_pass = True
+        missed = 0
+        while True:
+            async with self.maps_mu:
+                await self.data_mu.acquire_read()
+                try:
+                    end = min(offset + length, self.attr.size)
+                    if offset >= end:
+                        return Mapping(self, Range(0, 0), [], offset, 0)
+                    pages = page_range(offset, end)
+                    gaps = self.cache_set.gaps(pages)
+                    if not gaps:
+                        if first_pass:
+                            self.cache.counters.hit_bytes += end - offset
+                        mapping = Mapping(
+                            self, pages, self._add_mapping_locked(pages), offset, end - offset
+                        )
+                        mapping.missed = missed
+                        return mapping
+                    if first_pass:
+                        missed = sum(g.intersect(Range(offset, end)).length for g in gaps)
+                        self.cache.counters.hit_bytes += end - offset - missed
+                        self.cache.counters.miss_bytes += missed
+                    waits = self._start_fills_locked(gaps, pages.end)
+                finally:
+                    self.data_mu.release_read()
+            first_pass = False
+            await asyncio.gather(*waits)
+
+    def _note_access(self, offset: int, length: int) -> None:
+        if offset == self._ra_next:
+            self._ra_window = min(self._ra_window * 2, self.cache.readahead)
+        else:
+            self._ra_window = MIN_READAHEAD
+        self._ra_next = offset + length
+
+    def _start_fills_locked(
+        self, gaps: list[Range], request_end: int
+    ) -> list[asyncio.Future[None]]:
+        """Starts or joins fills covering ``gaps``; returns the futures to await.
+
+        Preconditions: data_mu is held (for reading suffices).
+        """
+        waits: list[asyncio.Future[None]] = []
+        size_end = page_up(self.attr.size)
+        for gap in gaps:
+            pieces = [gap]
+            for fill in self._fills:
+                if fill.stale or not fill.range.overlaps(gap):
+                    continue
+                waits.append(fill.done)
+                pieces = [p for piece in pieces for p in _subtract(piece, fill.range)]
+            for piece in pieces:
+                # Extend the last piece by the readahead window, up to the
+                # next cached page, the next fill, and the end of the file.
+                bound = self.cache_set.find_gap(piece.start)
+                limit = min(
+                    bound.end if bound is not None else piece.end,
+                    size_end,
+                    max(piece.end, request_end + self._ra_window),
+                    piece.start + max(MAX_FILL, piece.length),
+                )
+                for fill in self._fills:
+                    if fill.range.start >= piece.end:
+                        limit = min(limit, fill.range.start)
+                fill_range = Range(piece.start, max(piece.end, limit))
+                for start in range(fill_range.start, fill_range.end, MAX_FILL):
+                    waits.append(
+                        self._start_fill(Range(start, min(start + MAX_FILL, fill_range.end)))
+                    )
+        return waits
+
+    def _start_fill(self, rng: Range) -> asyncio.Future[None]:
+        fill = Fill(rng, asyncio.get_running_loop().create_future())
+        self._fills.append(fill)
+        task = asyncio.create_task(self._run_fill(fill), name=f"fill {self.path} {rng}")
+        self._fill_tasks.add(task)
+        task.add_done_callback(self._fill_tasks.discard)
+        return fill.done
+
+    async def _run_fill(self, fill: Fill) -> None:
+        rng = fill.range
+        # Bytes at or past the origin's valid end are zeros: freshly allocated
+        # pages already are, so only the part below it is read.
+        valid = self._origin_valid if self._buffered else self.attr.size
+        want = max(0, min(rng.end, valid) - rng.start)
+        pin = self._origin_etag if self._buffered else None
+
+        async def reader(views: list[memoryview]) -> int:
+            if want:
+                got = await self.origin.read_into(
+                    self.path, rng.start, slice_views(views, 0, want), pin
+                )
+                if got < want:
+                    raise OriginConflict(f"{self.path}: origin file is shorter than expected")
+            return rng.length
+
+        try:
+            memory, _ = await self.memfile.allocate_and_fill(
+                rng.length, MemoryKind.PAGE_CACHE, reader
+            )
+        except Exception as exc:
+            # Waiters get the error; retrieve it here too, since they may all be gone.
+            self._fills.remove(fill)
+            fill.done.set_exception(exc)
+            fill.done.exception()
+            return
+        except BaseException:
+            self._fills.remove(fill)
+            fill.done.cancel()
+            raise
+        try:
+            async with self.maps_mu, self.data_mu.writing():
+                self._fills.remove(fill)
+                if fill.stale:
+                    self.memfile.dec_ref(memory)
+                else:
+                    self._insert_filled_locked(rng, memory.start)
+        finally:
+            if not fill.done.done():
+                fill.done.set_result(None)
+        self.cache.note_allocation()
+
+    def _insert_filled_locked(self, rng: Range, mem_start: int) -> None:
+        """Inserts the still-uncached parts of a fill and frees the rest.
+
+        Preconditions: maps_mu is held; data_mu is held for writing.
+        """
+        limit = page_up(self.attr.size)
+        kept: list[Range] = []
+        for gap in self.cache_set.gaps(Range(rng.start, min(rng.end, limit))):
+            self.cache_set.insert(gap, mem_start + gap.start - rng.start)
+            kept.append(gap)
+        pos = rng.start
+        for piece in [*kept, Range(rng.end, rng.end)]:
+            if pos < piece.start:
+                self.memfile.dec_ref(
+                    Range(mem_start + pos - rng.start, mem_start + piece.start - rng.start)
+                )
+            pos = piece.end
+        for piece in kept:
+            self._mark_evictable_locked(piece)
+
+    def _mark_evictable_locked(self, rng: Range) -> None:
+        """Registers the unmapped parts of cached ``rng`` as evictable.
+
+        Preconditions: maps_mu is held; data_mu is held.
+        """
+        for free in self.mappings.gaps(rng):
+            self.memfile.mark_evictable(self, free)
+
+    # --------------------------------------------------------------- mappings
+
+    def _memory_pieces_locked(self, pages: Range) -> list[tuple[int, Range]]:
+        """``(file offset, memory range)`` pieces of cached ``pages``, in order.
+
+        Preconditions: data_mu is held; ``pages`` is fully cached.
+        """
+        pieces: list[tuple[int, Range]] = []
+        for seg, mem in self.cache_set.segments(pages):
+            part = seg.intersect(pages)
+            start = mem + part.start - seg.start
+            pieces.append((part.start, Range(start, start + part.length)))
+        return pieces
+
+    def _add_mapping_locked(self, pages: Range) -> list[tuple[int, Range]]:
+        """Maps cached ``pages``: counts them mapped and references their memory.
+
+        Preconditions: maps_mu is held; data_mu is held; ``pages`` is cached.
+        """
+        memory = self._memory_pieces_locked(pages)
+        for _, mem in memory:
+            self.memfile.inc_ref(mem)
+        newly_mapped = self.mappings.gaps(pages)
+        self.mappings.update(pages, lambda _r, count: count + 1)
+        for rng in newly_mapped:
+            self.mappings.insert(rng, 1)
+            self.memfile.mark_unevictable(self, rng)
+            self.cache.counters.mapped_bytes += rng.length
+        return memory
+
+    async def _remove_mapping(self, pages: Range, memory: list[tuple[int, Range]]) -> None:
+        for _, mem in memory:
+            self.memfile.dec_ref(mem)
+        if pages.is_empty:
+            return
+        async with self.maps_mu, self.data_mu.reading():
+            self.mappings.update(pages, lambda _r, count: count - 1)
+            for rng, count in self.mappings.segments(pages):
+                if count == 0:
+                    self.mappings.remove(rng)
+                    self.cache.counters.mapped_bytes -= rng.length
+                    for seg, _ in self.cache_set.segments(rng):
+                        self.memfile.mark_evictable(self, seg.intersect(rng))
+        self.cache.forget_if_idle(self)
+
+    # ----------------------------------------------------------------- writes
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Writes ``data`` at ``offset``, growing the file if needed.
+
+        Bytes on cached pages are written there and marked dirty. Bytes on
+        gaps go to the origin directly when it takes partial writes;
+        otherwise they are buffered in the cache (partial edge pages are
+        filled from the origin first) and written back later.
+        """
+        view = memoryview(data).cast("B")
+        if not view:
+            return
+        end = offset + len(view)
+        await self.cache.reserve_dirty(page_range(offset, end).length)
+        async with self.attr_mu:
+            while True:
+                if self._buffered:
+                    await self._cache_edges_locked(offset, end)
+                async with self.maps_mu, self.data_mu.writing():
+                    # An eviction may have raced the edge fill: fill again.
+                    if self._buffered and not self._edges_cached_locked(offset, end):
+                        continue
+                    await self._write_locked(offset, view)
+                    return
+
+    def _partial_edge_pages(self, start: int, end: int) -> list[int]:
+        """Pages partly covered by ``[start, end)`` that hold file bytes."""
+        pages = {page_down(start), page_down(end - 1)}
+        return [
+            page
+            for page in sorted(pages)
+            if Range(max(start, page), min(end, page + 4096)).length < 4096
+            and page < self.attr.size
+        ]
+
+    async def _cache_edges_locked(self, start: int, end: int) -> None:
+        """Caches the partially written first and last pages (buffered origins).
+
+        Preconditions: attr_mu is held. Takes and releases maps_mu and data_mu.
+        """
+        for page in self._partial_edge_pages(start, end):
+            mapping = await self.map_range(page, 4096)
+            await mapping.release()
+
+    def _edges_cached_locked(self, start: int, end: int) -> bool:
+        """Preconditions: data_mu is held."""
+        return all(
+            self.cache_set.find(page) is not None for page in self._partial_edge_pages(start, end)
+        )
+
+    async def _write_locked(self, offset: int, data: memoryview) -> None:
+        """Preconditions: attr_mu and maps_mu are held; data_mu is held for writing.
+
+        May await origin I/O with all three held (gap writes), as the
+        reference design does.
+        """
+        end = offset + len(data)
+        target = Range(offset, end)
+        for fill in self._fills:
+            if fill.range.overlaps(page_range(offset, end)):
+                fill.stale = True
+        if self._buffered:
+            for gap in self.cache_set.gaps(page_range(offset, end)):
+                memory = await self.memfile.allocate(gap.length, MemoryKind.PAGE_CACHE)
+                self.cache_set.insert(gap, memory.start)
+                self._mark_evictable_locked(gap)
+        else:
+            for gap in self.cache_set.gaps(target):
+                piece = data[gap.start - offset : gap.end - offset]
+                self._origin_etag = None
+                await self.origin.write_from(self.path, gap.start, [piece])
+        self._write_gen += 1
+        for seg, mem in self.cache_set.segments(target):
+            part = seg.intersect(target)
+            mem_start = mem + part.start - seg.start
+            views = self.memfile.map_internal(page_range(mem_start, mem_start + part.length), True)
+            dst = slice_views(views, mem_start - page_down(mem_start), part.length)
+            copy_into_views(dst, data[part.start - offset : part.end - offset])
+            self._mark_dirty_locked(part)
+        if end > self.attr.size:
+            self.attr.size = end
+            self._size_dirty_gen = self._write_gen
+        self._bump_version_locked()
+
+    def _mark_dirty_locked(self, rng: Range) -> None:
+        """Preconditions: data_mu is held for writing; ``rng`` is cached."""
+        before = self.dirty.total_length
+        gen = self._write_gen
+        for gap in self.dirty.gaps(rng):
+            self.dirty.insert(gap, DirtyInfo(gen=gen))
+        self.dirty.update(rng, lambda _r, info: DirtyInfo(info.keep, gen))
+        self.cache.counters.dirty_bytes += self.dirty.total_length - before
+        if self.dirty_since is None:
+            self.dirty_since = time.monotonic()
+
+    # ----------------------------------------------------------- truncation
+
+    async def truncate(self, size: int) -> None:
+        """Sets the size; cached bytes past it are dropped without write-back."""
+        if size < 0:
+            raise ValueError(f"negative size {size}")
+        async with self.attr_mu:
+            if not self._buffered:
+                # Written through, as the reference design does.
+                self._origin_etag = None
+                await self.origin.set_size(self.path, size)
+            async with self.maps_mu, self.data_mu.writing():
+                self._truncate_locked(size)
+
+    def _truncate_locked(self, size: int) -> None:
+        """Preconditions: attr_mu and maps_mu are held; data_mu is held for writing."""
+        old = self.attr.size
+        for fill in self._fills:
+            if fill.range.end > page_down(min(size, old)):
+                fill.stale = True
+        self._write_gen += 1
+        self.attr.size = size
+        if self._buffered:
+            self._size_dirty_gen = self._write_gen
+        if size < old:
+            self._drop_locked(
+                Range(page_up(size), max(page_up(old), page_up(size))), dirty_too=True
+            )
+            self._clear_dirty_locked(Range(size, page_up(size)))
+            self._zero_tail_locked(size)
+            if self._buffered:
+                self._origin_valid = min(self._origin_valid, size)
+                if self._truncated_to is not None:
+                    self._truncated_to = min(self._truncated_to, size)
+                else:
+                    self._truncated_to = size
+        self._bump_version_locked()
+
+    def _zero_tail_locked(self, size: int) -> None:
+        """Zeroes cached bytes of the last page past ``size``.
+
+        Preconditions: data_mu is held for writing.
+        """
+        if size % 4096 == 0:
+            return
+        found = self.cache_set.find(size)
+        if found is None:
+            return
+        seg, mem = found
+        page = page_down(size)
+        views = self.memfile.map_internal(
+            Range(mem + page - seg.start, mem + page - seg.start + 4096), True
+        )
+        for view in slice_views(views, size - page, page + 4096 - size):
+            view[:] = bytes(len(view))
+
+    def _drop_locked(self, rng: Range, *, dirty_too: bool) -> int:
+        """Removes cached pages in page-aligned ``rng`` (skipping dirty ones unless
+        ``dirty_too``); returns bytes dropped.
+
+        Preconditions: maps_mu is held; data_mu is held for writing.
+        """
+        dropped = 0
+        for seg, mem in self.cache_set.segments(rng):
+            part = seg.intersect(rng)
+            pieces = [part] if dirty_too else self.dirty.gaps(part)
+            for piece in pieces:
+                mem_start = mem + piece.start - seg.start
+                self.cache_set.remove(piece)
+                self.memfile.mark_unevictable(self, piece)
+                self.memfile.dec_ref(Range(mem_start, mem_start + piece.length))
+                dropped += piece.length
+        if dirty_too:
+            self._clear_dirty_locked(rng)
+        return dropped
+
+    def _clear_dirty_locked(self, rng: Range) -> None:
+        """Preconditions: data_mu is held for writing."""
+        before = self.dirty.total_length
+        self.dirty.remove(rng)
+        self.cache.counters.dirty_bytes -= before - self.dirty.total_length
+        if not self.dirty:
+            self.dirty_since = None
+
+    async def allocate(self, offset: int, length: int) -> None:
+        """Reserves ``[offset, offset+length)``, growing the file like fallocate."""
+        end = offset + length
+        async with self.attr_mu:
+            if not self._buffered:
+                self._origin_etag = None
+                await self.origin.allocate(self.path, offset, length)
+            if end > self.attr.size:
+                async with self.maps_mu, self.data_mu.writing():
+                    self._write_gen += 1
+                    self.attr.size = end
+                    if self._buffered:
+                        self._size_dirty_gen = self._write_gen
+                    self._bump_version_locked()
+
+    # ------------------------------------------------------------- write-back
+
+    async def writeback(self) -> int:
+        """Writes dirty bytes and attributes to the origin and makes them durable.
+
+        Returns bytes written. On failure the data stays dirty and cached, the
+        error is recorded and raised; the next call writes it all again.
+        """
+        async with self.writeback_mu:
+            return await self._writeback_locked(sync=False)
+
+    async def fsync(self) -> None:
+        """Writes back like writeback(), then syncs the origin file even if
+        nothing here was dirty (bytes written straight to the origin)."""
+        async with self.writeback_mu:
+            await self._writeback_locked(sync=True)
+
+    async def _writeback_locked(self, *, sync: bool) -> int:
+        """Preconditions: writeback_mu is held. Takes attr_mu and data_mu briefly."""
+        async with self.attr_mu, self.data_mu.reading():
+            clean = not self.has_dirty
+            if not clean:
+                gen, size, size_dirty, dirty, pieces, valid = self._snapshot_dirty_locked()
+        if clean:
+            if sync and self.origin.capabilities.durable_sync:
+                await self._sync_origin()
+            return 0
+        try:
+            if self._buffered:
+                changed = _union(dirty, Range(valid, size) if valid < size else None)
+                stat = await self.origin.rewrite(
+                    self.path, size, [(r.start, r.end) for r in changed], self._reader(pieces)
+                )
+            else:
+                for rng in dirty:
+                    await self.origin.write_from(self.path, rng.start, self._views(pieces, rng))
+                if size_dirty:
+                    await self.origin.set_size(self.path, size)
+                if self.origin.capabilities.durable_sync:
+                    await self.origin.sync(self.path)
+                stat = await self.origin.stat(self.path)
+        except OriginError as exc:
+            self.cache.counters.writeback_errors += 1
+            self.last_error = exc
+            log.warning("write-back of %s failed, data kept dirty: %s", self.path, exc)
+            raise
+        finally:
+            for _, mem in pieces:
+                self.memfile.dec_ref(mem)
+        written = sum(r.length for r in dirty)
+        async with self.attr_mu, self.maps_mu, self.data_mu.writing():
+            before = self.dirty.total_length
+            for rng, info in list(self.dirty):
+                if info.gen <= gen:
+                    self.dirty.remove(rng)
+            self.cache.counters.dirty_bytes -= before - self.dirty.total_length
+            if not self.dirty:
+                self.dirty_since = None
+            if self._size_dirty_gen is not None and self._size_dirty_gen <= gen:
+                self._size_dirty_gen = None
+            if self._buffered:
+                low = self._truncated_to
+                self._origin_valid = size if low is None else min(size, low)
+            self._origin_etag = stat.etag
+            self.last_error = None
+            for rng in dirty:
+                for seg, _ in self.cache_set.segments(page_range(rng.start, rng.end)):
+                    self._mark_evictable_locked(seg)
+        self.cache.counters.writeback_bytes += written
+        return written
+
+    def _snapshot_dirty_locked(
+        self,
+    ) -> tuple[int, int, bool, list[Range], list[tuple[int, Range]], int]:
+        """What a write-back must write: (write generation, size, size dirty,
+        dirty ranges, referenced memory pieces, origin valid end).
+
+        Takes a MemoryFile reference on every piece; the caller drops them.
+        Preconditions: attr_mu is held; data_mu is held.
+        """
+        size = self.attr.size
+        dirty = [r.intersect(Range(0, size)) for r, _ in self.dirty]
+        dirty = [r for r in dirty if not r.is_empty]
+        pieces: list[tuple[int, Range]] = []
+        # Several dirty ranges may share a page: reference each page once.
+        for pages in _union([page_range(r.start, r.end) for r in dirty], None):
+            for file_off, mem in self._memory_pieces_locked(pages):
+                self.memfile.inc_ref(mem)
+                pieces.append((file_off, mem))
+        self._truncated_to = None
+        snapshot = (self._write_gen, size, self._size_dirty_gen is not None, dirty, pieces)
+        return (*snapshot, self._origin_valid)
+
+    async def _sync_origin(self) -> None:
+        try:
+            await self.origin.sync(self.path)
+        except OriginError as exc:
+            self.cache.counters.writeback_errors += 1
+            self.last_error = exc
+            raise
+
+    def _views(self, pieces: list[tuple[int, Range]], rng: Range) -> list[memoryview]:
+        """Views of the bytes of cached file range ``rng`` from snapshot ``pieces``."""
+        out: list[memoryview] = []
+        for file_off, mem in pieces:
+            part = Range(file_off, file_off + mem.length).intersect(rng)
+            if part.is_empty:
+                continue
+            views = self.memfile.map_internal(mem, write=False)
+            out.extend(slice_views(views, part.start - file_off, part.length))
+        return out
+
+    def _reader(self, pieces: list[tuple[int, Range]]) -> _SnapshotReader:
+        return _SnapshotReader(self, pieces)
+
+    # --------------------------------------------------------------- eviction
+
+    async def evict(self, rng: Range) -> None:
+        """Drops cached pages of ``rng``: mapped pages are skipped; dirty ones
+        are written back first and kept if that fails (EvictableUser)."""
+        rng = page_range(rng.start, rng.end)
+        if self.dirty.segments(rng):
+            try:
+                await self.writeback()
+            except OriginError:
+                # Kept, and left unevictable: a successful write-back makes
+                # the range evictable again, so eviction does not spin on it.
+                return
+        async with self.maps_mu, self.data_mu.writing():
+            dropped = 0
+            for free in self.mappings.gaps(rng):
+                dropped += self._drop_locked(free, dirty_too=False)
+        if dropped:
+            self.cache.counters.evictions += 1
+            self.cache.counters.evicted_bytes += dropped
+        self.cache.forget_if_idle(self)
+
+    async def drop_clean(self) -> int:
+        """Drops every unmapped clean cached page; returns bytes dropped."""
+        async with self.maps_mu, self.data_mu.writing():
+            dropped = 0
+            for free in self.mappings.gaps(Range(0, _END)):
+                dropped += self._drop_locked(free, dirty_too=False)
+        self.cache.forget_if_idle(self)
+        return dropped
+
+    # ------------------------------------------------------------ revalidation
+
+    async def revalidate(self, stat: OriginStat) -> bool:
+        """Adopts the origin's attributes; drops the cache if the origin's
+        version changed and nothing is dirty here. Returns True if dropped."""
+        async with self.attr_mu:
+            if self._origin_etag is None:
+                self._origin_etag = stat.etag
+                return False
+            if stat.etag == self._origin_etag:
+                return False
+            if self.has_dirty:
+                log.warning(
+                    "%s changed at the origin while dirty here; keeping local data", self.path
+                )
+                return False
+            async with self.maps_mu, self.data_mu.writing():
+                self._adopt_locked(stat)
+            return True
+
+    def discard_locked(self) -> None:
+        """Drops all cached and dirty data (the file is gone at the origin).
+
+        Preconditions: attr_mu and maps_mu are held; data_mu is held for writing.
+        """
+        for fill in self._fills:
+            fill.stale = True
+        self._drop_locked(Range(0, _END), dirty_too=True)
+        self._size_dirty_gen = None
+        self._truncated_to = None
+
+    def _adopt_locked(self, stat: OriginStat) -> None:
+        """Replaces the cached content with the origin's new version.
+
+        Preconditions: attr_mu and maps_mu are held; data_mu is held for writing.
+        """
+        self.discard_locked()
+        self._write_gen += 1
+        self.attr.size = stat.size
+        self.attr.mtime = stat.mtime
+        self.attr.etag_base = stat.etag
+        self.attr.version = 0
+        self.attr.refresh_etag()
+        self._origin_etag = stat.etag
+        self._origin_valid = stat.size
+        self.last_error = None
+
+    async def replaced(self, stat: OriginStat) -> None:
+        """Adopts a new version written by ``Origin.replace`` (a full PUT).
+
+        Preconditions: attr_mu is held (the caller held it across the upload).
+        """
+        async with self.maps_mu, self.data_mu.writing():
+            self._adopt_locked(stat)
+
+
+class _SnapshotReader:
+    """Serves ``Origin.rewrite``'s reads of changed ranges from snapshot pages;
+    bytes outside the snapshot (truncated-then-grown regions) are zeros."""
+
+    def __init__(self, inode: CachingInode, pieces: list[tuple[int, Range]]) -> None:
+        self._inode = inode
+        self._pieces = pieces
+
+    async def __call__(self, offset: int, length: int) -> bytes:
+        out = bytearray(length)
+        want = Range(offset, offset + length)
+        for file_off, mem in self._pieces:
+            part = Range(file_off, file_off + mem.length).intersect(want)
+            if part.is_empty:
+                continue
+            views = self._inode._views([(file_off, mem)], part)
+            copy_from_views(views, memoryview(out)[part.start - offset : part.end - offset])
+        return bytes(out)
+
+
+def _subtract(rng: Range, cut: Range) -> list[Range]:
+    """``rng`` minus ``cut``: zero, one or two ranges."""
+    out = []
+    if cut.start > rng.start:
+        out.append(Range(rng.start, min(rng.end, cut.start)))
+    if cut.end < rng.end:
+        out.append(Range(max(rng.start, cut.end), rng.end))
+    return [r for r in out if not r.is_empty]
+
+
+def _union(ranges: Sequence[Range], extra: Range | None) -> list[Range]:
+    """Sorted, merged union of ``ranges`` and ``extra``."""
+    items = sorted([*ranges, *([extra] if extra is not None else [])])
+    merged: list[Range] = []
+    for rng in items:
+        if merged and rng.start <= merged[-1].end:
+            merged[-1] = Range(merged[-1].start, max(merged[-1].end, rng.end))
+        else:
+            merged.append(rng)
+    return merged
+
+
+__all__ = ["CachingInode", "Mapping"]
