@@ -1,0 +1,578 @@
+"""HTTP byte ranges, write ranges, multipart/byteranges and preconditions.
+
+Pure functions, no I/O. This is the only module that converts HTTP's
+inclusive ``first-last`` positions to the half-open :class:`Range` used
+everywhere else.
+
+Range requests (RFC 9110 §14.1-14.2), as :func:`parse_range` reads them:
+
+- The unit is ``bytes``, case-insensitive, followed directly by ``=``.
+  Whitespace between the unit and ``=`` makes it an unknown unit, so the
+  header is ignored (nginx does the same).
+- OWS (spaces and tabs) is accepted around list elements and around the
+  ``-`` of a range-spec (nginx accepts spaces there too); empty list
+  elements are skipped (``bytes=0-1,,2-3``, a trailing comma), as RFC 9110
+  §5.6.1 asks. nginx answers 416 to empty elements; we follow the RFC.
+- Numbers are ASCII digits only. A number of more than 19 significant
+  digits is larger than any file: as a first-byte-pos it makes its range
+  unsatisfiable, as a last-byte-pos or suffix-length it is clamped to the
+  file. nginx answers 416 to any overflowing number.
+- A syntactically invalid header (including ``last < first``) is ignored
+  as a whole (200 with the full body), as RFC 9110 allows; nginx answers
+  416 instead. Any Range on an empty file is ignored.
+- Satisfiable ranges are clamped to the file, sorted, and overlapping or
+  adjacent ones coalesced (nginx does not coalesce). None left, or more
+  than ``max_ranges`` left, is unsatisfiable (nginx serves 200 when there
+  are too many).
+
+Writes take ``Content-Range: bytes a-b/*`` (:func:`parse_content_range`) or
+SabreDAV's ``X-Update-Range`` (:func:`parse_update_range`); both are strict,
+and errors raise :class:`HeaderError` (a 400 in the API layer).
+
+Conditional requests follow the evaluation order of RFC 9110 §13.2.2
+(:func:`evaluate_preconditions`, :func:`if_range_allows`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import email.utils
+import enum
+import math
+import re
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from cachesvc.core.ranges import MAX_OFFSET, Range
+
+__all__ = [
+    "EntityTag",
+    "HeaderError",
+    "MultipartPart",
+    "MultipartPlan",
+    "RangeKind",
+    "RangeOutcome",
+    "WriteRange",
+    "evaluate_preconditions",
+    "format_content_range",
+    "format_etag",
+    "format_http_date",
+    "if_range_allows",
+    "parse_content_range",
+    "parse_decimal",
+    "parse_entity_tags",
+    "parse_http_date",
+    "parse_range",
+    "parse_update_range",
+    "unsatisfied_content_range",
+]
+
+# A number with more significant digits than this exceeds MAX_OFFSET (19 digits).
+_MAX_DIGITS = len(str(MAX_OFFSET))
+# Stands for any number of more than _MAX_DIGITS digits: larger than every file size.
+_HUGE: int = 10**_MAX_DIGITS
+
+_OWS = " \t"
+# One range-spec: "first-[last]" or "-suffix", OWS allowed around each token.
+# [0-9] (not \d) so that only ASCII digits match.
+_RANGE_SPEC = re.compile(r"[ \t]*(?:([0-9]+)[ \t]*-[ \t]*([0-9]*)|-[ \t]*([0-9]+))[ \t]*")
+_CONTENT_RANGE = re.compile(r"bytes[ \t]+([0-9]+)-([0-9]+)/([0-9]+|\*)", re.ASCII | re.IGNORECASE)
+_UPDATE_RANGE = re.compile(r"bytes=(?:([0-9]+)-([0-9]*)|-([0-9]+))", re.ASCII | re.IGNORECASE)
+_DIGITS = re.compile(r"[0-9]+")
+# etagc = %x21 / %x23-7E / obs-text; obs-text (%x80-FF) is accepted as any non-ASCII.
+_ETAG_OPAQUE = re.compile(r"[\x21\x23-\x7e\x80-\U0010ffff]*")
+# bchars of RFC 2046 §5.1.1 (the space is left out: it may not end a boundary anyway).
+_BOUNDARY = re.compile(r"[0-9A-Za-z'()+_,\-./:=?]{1,70}")
+_HEADER_VALUE = re.compile(r"[\x20-\x7e\t]*")
+_CRLF = b"\r\n"
+_SAFE_METHODS = frozenset({"GET", "HEAD"})
+
+
+class HeaderError(ValueError):
+    """A request header or parameter value is malformed or out of bounds."""
+
+
+def _number(digits: str) -> int:
+    """Value of an ASCII digit string; _HUGE when it has too many digits."""
+    significant = digits.lstrip("0")
+    if len(significant) > _MAX_DIGITS:
+        return _HUGE
+    return int(significant or "0")
+
+
+# ---------------------------------------------------------------------------
+# Range
+
+
+class RangeKind(enum.Enum):
+    """What a GET does with its Range header."""
+
+    IGNORE = "ignore"  # serve 200 with the whole body
+    UNSATISFIABLE = "unsatisfiable"  # 416 with Content-Range: bytes */size
+    SATISFIABLE = "satisfiable"  # 206 with these ranges
+
+
+@dataclass(frozen=True, slots=True)
+class RangeOutcome:
+    """The result of :func:`parse_range`. Immutable."""
+
+    kind: RangeKind
+    # Non-empty, ascending, disjoint, non-adjacent and within the file iff
+    # kind is SATISFIABLE; empty otherwise.
+    ranges: tuple[Range, ...] = ()
+    # Why the header was ignored or is unsatisfiable (for logs and 416 bodies).
+    reason: str = ""
+
+
+def _ignore(reason: str) -> RangeOutcome:
+    return RangeOutcome(RangeKind.IGNORE, reason=reason)
+
+
+def _coalesce(ranges: list[Range]) -> list[Range]:
+    """Sorts ranges and merges the overlapping or adjacent ones."""
+    ranges.sort()
+    merged: list[Range] = []
+    for rng in ranges:
+        if merged and rng.start <= merged[-1].end:
+            last = merged[-1]
+            merged[-1] = Range(last.start, max(last.end, rng.end))
+        else:
+            merged.append(rng)
+    return merged
+
+
+def parse_range(header: str, size: int, max_ranges: int) -> RangeOutcome:
+    """Interprets a ``Range`` header against a file of ``size`` bytes.
+
+    See the module docstring for the rules. ``max_ranges`` (at least 1)
+    caps the number of ranges left after coalescing.
+    """
+    if not 0 <= size <= MAX_OFFSET:
+        raise ValueError(f"file size {size} out of bounds")
+    if max_ranges < 1:
+        raise ValueError(f"max_ranges must be at least 1, not {max_ranges}")
+    unit, equals, range_set = header.strip(_OWS).partition("=")
+    if not equals or not unit.isascii() or unit.lower() != "bytes":
+        return _ignore("not a bytes range")
+    if size == 0:
+        return _ignore("range of an empty file")
+    # Syntax first: one bad element makes the whole header ignored.
+    specs: list[tuple[int, int | None, int | None]] = []  # (first, last, suffix)
+    for element in range_set.split(","):
+        if not element.strip(_OWS):
+            continue
+        match = _RANGE_SPEC.fullmatch(element)
+        if match is None:
+            return _ignore("malformed range-spec")
+        first, last, suffix = match.groups()
+        if suffix is not None:
+            specs.append((0, None, _number(suffix)))
+            continue
+        first_pos = _number(first)
+        last_pos = _number(last) if last else None
+        if last_pos is not None and last_pos < first_pos:
+            return _ignore("range-spec with last-pos before first-pos")
+        specs.append((first_pos, last_pos, None))
+    if not specs:
+        return _ignore("empty range-set")
+    satisfiable: list[Range] = []
+    for first_pos, last_pos, suffix_length in specs:
+        if suffix_length is not None:
+            if suffix_length > 0:
+                satisfiable.append(Range(max(0, size - suffix_length), size))
+        elif first_pos < size:
+            end = size if last_pos is None else min(last_pos + 1, size)
+            satisfiable.append(Range(first_pos, end))
+    if not satisfiable:
+        return RangeOutcome(
+            RangeKind.UNSATISFIABLE, reason=f"no range overlaps the {size}-byte file"
+        )
+    merged = _coalesce(satisfiable)
+    if len(merged) > max_ranges:
+        return RangeOutcome(
+            RangeKind.UNSATISFIABLE,
+            reason=f"{len(merged)} ranges after coalescing, more than the limit of {max_ranges}",
+        )
+    return RangeOutcome(RangeKind.SATISFIABLE, tuple(merged))
+
+
+def format_content_range(rng: Range, size: int) -> str:
+    """``Content-Range`` of a 206 part: ``bytes first-last/size`` (inclusive)."""
+    if not 0 <= rng.start < rng.end <= size:
+        raise ValueError(f"{rng} is empty or outside a {size}-byte file")
+    return f"bytes {rng.start}-{rng.end - 1}/{size}"
+
+
+def unsatisfied_content_range(size: int) -> str:
+    """``Content-Range`` of a 416: ``bytes */size``."""
+    return f"bytes */{size}"
+
+
+# ---------------------------------------------------------------------------
+# Write ranges
+
+
+def _write_offset(digits: str, what: str) -> int:
+    value = _number(digits)
+    if value >= MAX_OFFSET:
+        raise HeaderError(f"{what} {digits} is too large")
+    return value
+
+
+def parse_content_range(header: str) -> Range:
+    """Reads the ``Content-Range`` of a partial write: ``bytes a-b/*`` or ``bytes a-b/N``.
+
+    Returns the half-open range ``[a, b+1)``. The complete-length ``N`` must
+    be digits or ``*`` and is otherwise ignored (curl sends its upload size
+    there). Raises :class:`HeaderError` on anything else, including the
+    ``bytes */N`` form of a 416.
+    """
+    match = _CONTENT_RANGE.fullmatch(header.strip(_OWS))
+    if match is None:
+        raise HeaderError("Content-Range must look like 'bytes first-last/*'")
+    first = _write_offset(match[1], "Content-Range first-pos")
+    last = _write_offset(match[2], "Content-Range last-pos")
+    if last < first:
+        raise HeaderError("Content-Range last-pos is before first-pos")
+    return Range(first, last + 1)
+
+
+@dataclass(frozen=True, slots=True)
+class WriteRange:
+    """Where a partial write goes, before the body length is known. Immutable.
+
+    ``end`` is None when the body decides where the write ends (SabreDAV's
+    ``append``, ``bytes=a-`` and ``bytes=-n``); otherwise the body must be
+    exactly ``end - start`` bytes long.
+    """
+
+    start: int
+    end: int | None
+
+    @property
+    def expected_length(self) -> int | None:
+        """The body length the range demands, or None when any length fits."""
+        return None if self.end is None else self.end - self.start
+
+    def resolve(self, body_length: int) -> Range:
+        """The written range for a body of ``body_length`` bytes.
+
+        Raises :class:`HeaderError` when the body does not fit the range.
+        """
+        if self.end is None:
+            if body_length > MAX_OFFSET - self.start:
+                raise HeaderError("write would end beyond the largest file offset")
+            return Range(self.start, self.start + body_length)
+        if body_length != self.end - self.start:
+            raise HeaderError(
+                f"body is {body_length} bytes but the range holds {self.end - self.start}"
+            )
+        return Range(self.start, self.end)
+
+
+def parse_update_range(header: str, size: int) -> WriteRange:
+    """Reads SabreDAV's ``X-Update-Range`` for a file of ``size`` bytes.
+
+    - ``bytes=a-b``: bytes a to b inclusive; the body must be b-a+1 bytes.
+    - ``bytes=a-``: the body is written at a.
+    - ``bytes=-n``: the body is written at size-n (n <= size), so it
+      replaces the last n bytes and may extend the file (SabreDAV's table:
+      ``bytes=-2`` with 4 bytes on ``1234567890`` gives ``12345678----``).
+    - ``append``: the body is written at size.
+
+    The unit and ``append`` are case-insensitive. Raises :class:`HeaderError`
+    on anything else.
+    """
+    value = header.strip(_OWS)
+    if value.isascii() and value.lower() == "append":
+        return WriteRange(size, None)
+    match = _UPDATE_RANGE.fullmatch(value)
+    if match is None:
+        raise HeaderError("X-Update-Range must be 'bytes=a-b', 'bytes=a-', 'bytes=-n' or 'append'")
+    first, last, suffix = match.groups()
+    if suffix is not None:
+        suffix_length = _number(suffix)
+        if suffix_length > size:
+            raise HeaderError(f"X-Update-Range suffix {suffix} is longer than the file ({size})")
+        return WriteRange(size - suffix_length, None)
+    start = _write_offset(first, "X-Update-Range first-pos")
+    if not last:
+        return WriteRange(start, None)
+    last_pos = _write_offset(last, "X-Update-Range last-pos")
+    if last_pos < start:
+        raise HeaderError("X-Update-Range last-pos is before first-pos")
+    return WriteRange(start, last_pos + 1)
+
+
+def parse_decimal(text: str, *, name: str, maximum: int) -> int:
+    """Reads a non-negative decimal of ASCII digits no larger than ``maximum``.
+
+    For query parameters such as ``?truncate=N``; no sign, spaces or
+    separators. Raises :class:`HeaderError` naming ``name``.
+    """
+    if _DIGITS.fullmatch(text) is None:
+        raise HeaderError(f"{name} must be a decimal number of ASCII digits")
+    significant = text.lstrip("0")
+    if len(significant) > len(str(maximum)) or int(significant or "0") > maximum:
+        raise HeaderError(f"{name} must be at most {maximum}")
+    return int(significant or "0")
+
+
+# ---------------------------------------------------------------------------
+# multipart/byteranges
+
+
+@dataclass(frozen=True, slots=True)
+class MultipartPart:
+    """One body part of a multipart/byteranges response. Immutable."""
+
+    rng: Range
+    # Written right before the part's bytes: delimiter, part headers, blank line.
+    header: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class MultipartPlan:
+    """The exact framing of a multipart/byteranges body (RFC 9110 §14.6). Immutable.
+
+    The body is, for each part, ``part.header`` then the file bytes of
+    ``part.rng``; then ``trailer``. Its length is ``content_length``.
+    """
+
+    boundary: str
+    parts: tuple[MultipartPart, ...]
+    # The close delimiter, written after the last part.
+    trailer: bytes
+    content_length: int
+
+    @property
+    def content_type(self) -> str:
+        """The response's ``Content-Type`` header value."""
+        return f"multipart/byteranges; boundary={self.boundary}"
+
+    @classmethod
+    def build(
+        cls,
+        ranges: Sequence[Range],
+        size: int,
+        content_type: str | None,
+        boundary: str | None = None,
+    ) -> MultipartPlan:
+        """Frames ``ranges`` of a ``size``-byte file, in the given order.
+
+        ``content_type`` is repeated in every part (left out when None);
+        ``boundary`` defaults to 32 random hex digits.
+        """
+        if not ranges:
+            raise ValueError("a multipart/byteranges body needs at least one range")
+        if boundary is None:
+            boundary = secrets.token_hex(16)
+        elif _BOUNDARY.fullmatch(boundary) is None:
+            raise ValueError(f"invalid multipart boundary {boundary!r}")
+        type_line = b""
+        if content_type is not None:
+            if _HEADER_VALUE.fullmatch(content_type) is None:
+                raise ValueError(f"invalid part content type {content_type!r}")
+            type_line = b"Content-Type: " + content_type.encode("ascii") + _CRLF
+        delimiter = b"--" + boundary.encode("ascii") + _CRLF
+        parts: list[MultipartPart] = []
+        length = 0
+        for rng in ranges:
+            header = (
+                (_CRLF if parts else b"")
+                + delimiter
+                + type_line
+                + b"Content-Range: "
+                + format_content_range(rng, size).encode("ascii")
+                + _CRLF
+                + _CRLF
+            )
+            parts.append(MultipartPart(rng, header))
+            length += len(header) + rng.end - rng.start
+        trailer = _CRLF + b"--" + boundary.encode("ascii") + b"--" + _CRLF
+        return cls(boundary, tuple(parts), trailer, length + len(trailer))
+
+
+# ---------------------------------------------------------------------------
+# Entity tags and dates
+
+
+class EntityTag(NamedTuple):
+    """A parsed entity-tag (RFC 9110 §8.8.3); ``opaque`` is without quotes."""
+
+    weak: bool
+    opaque: str
+
+    def strong_match(self, other: EntityTag) -> bool:
+        """Both strong and character-for-character equal."""
+        return not self.weak and not other.weak and self.opaque == other.opaque
+
+    def weak_match(self, other: EntityTag) -> bool:
+        """Equal opaque tags, whether weak or not."""
+        return self.opaque == other.opaque
+
+
+def format_etag(token: str) -> str:
+    """The strong ``ETag`` header value for ``token``: the token in double quotes."""
+    if not token.isascii() or _ETAG_OPAQUE.fullmatch(token) is None:
+        raise ValueError(f"invalid entity-tag characters in {token!r}")
+    return f'"{token}"'
+
+
+def parse_entity_tags(value: str) -> list[EntityTag]:
+    """Parses a ``#entity-tag`` list (If-Match, If-None-Match, ETag).
+
+    Commas inside quotes belong to the tag; empty list elements are
+    skipped; ``W/`` is case-sensitive. The ``*`` form is the caller's to
+    handle. Raises :class:`HeaderError` when the value is malformed.
+    """
+    tags: list[EntityTag] = []
+    pos, length = 0, len(value)
+    while True:
+        while pos < length and value[pos] in " \t,":
+            pos += 1
+        if pos == length:
+            return tags
+        weak = value.startswith("W/", pos)
+        if weak:
+            pos += 2
+        if not value.startswith('"', pos):
+            raise HeaderError("entity-tag must be a quoted string")
+        close = value.find('"', pos + 1)
+        if close < 0:
+            raise HeaderError("unterminated entity-tag")
+        opaque = value[pos + 1 : close]
+        if _ETAG_OPAQUE.fullmatch(opaque) is None:
+            raise HeaderError("invalid character in entity-tag")
+        tags.append(EntityTag(weak, opaque))
+        pos = close + 1
+        while pos < length and value[pos] in _OWS:
+            pos += 1
+        if pos < length and value[pos] != ",":
+            raise HeaderError("entity-tags must be separated by commas")
+
+
+def _resource_tag(etag: str | None) -> EntityTag | None:
+    """The representation's own entity-tag; a malformed one is a bug."""
+    if etag is None:
+        return None
+    tags = parse_entity_tags(etag)
+    if len(tags) != 1:
+        raise ValueError(f"not a single entity-tag: {etag!r}")
+    return tags[0]
+
+
+def parse_http_date(value: str) -> int | None:
+    """Seconds since the epoch of an HTTP-date (IMF-fixdate, RFC 850 or asctime form).
+
+    None when the value is not one valid date (a list of dates included);
+    a date without a zone is taken as GMT.
+    """
+    # IMF-fixdate and RFC 850 dates have one comma, asctime dates none.
+    if value.count(",") > 1:
+        return None
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
+    except (ValueError, TypeError, IndexError, OverflowError):
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.UTC)
+    return math.floor(moment.timestamp())
+
+
+def format_http_date(timestamp: float) -> str:
+    """IMF-fixdate of ``timestamp`` (truncated to whole seconds), for ``Last-Modified``."""
+    return email.utils.formatdate(math.floor(timestamp), usegmt=True)
+
+
+# ---------------------------------------------------------------------------
+# Preconditions
+
+
+def _list_matches(value: str, tag: EntityTag | None, exists: bool, *, weak: bool) -> bool:
+    """Whether an If-Match / If-None-Match value matches the representation.
+
+    A malformed list matches nothing.
+    """
+    if value.strip(_OWS) == "*":
+        return exists
+    if tag is None:
+        return False
+    try:
+        candidates = parse_entity_tags(value)
+    except HeaderError:
+        return False
+    if weak:
+        return any(tag.weak_match(candidate) for candidate in candidates)
+    return any(tag.strong_match(candidate) for candidate in candidates)
+
+
+def evaluate_preconditions(
+    method: str,
+    headers: Mapping[str, str],
+    etag: str | None,
+    last_modified: float | None,
+    exists: bool,
+) -> int | None:
+    """Evaluates conditional headers in RFC 9110 §13.2.2 order.
+
+    ``headers`` is looked up by canonical name (``If-Match`` ...), so it
+    should be case-insensitive, as aiohttp's request headers are; a field
+    sent several times should be passed joined with commas. ``etag`` is the
+    representation's ``ETag`` header value and ``last_modified`` its
+    modification time (compared in whole seconds, as ``Last-Modified``
+    carries it); both are None when the file does not exist.
+
+    Returns None to proceed, 304 (Not Modified, GET/HEAD) or 412
+    (Precondition Failed). If-Range is separate: :func:`if_range_allows`.
+    """
+    tag = _resource_tag(etag)
+    modified = None if last_modified is None else math.floor(last_modified)
+    # Step 1 and 2: If-Match, else If-Unmodified-Since.
+    if_match = headers.get("If-Match")
+    if if_match is not None:
+        if not _list_matches(if_match, tag, exists, weak=False):
+            return 412
+    else:
+        unmodified_since = headers.get("If-Unmodified-Since")
+        if unmodified_since is not None and modified is not None:
+            date = parse_http_date(unmodified_since)
+            if date is not None and modified > date:
+                return 412
+    # Step 3 and 4: If-None-Match, else If-Modified-Since on GET/HEAD.
+    if_none_match = headers.get("If-None-Match")
+    if if_none_match is not None:
+        if _list_matches(if_none_match, tag, exists, weak=True):
+            return 304 if method in _SAFE_METHODS else 412
+    elif method in _SAFE_METHODS:
+        modified_since = headers.get("If-Modified-Since")
+        if modified_since is not None and modified is not None:
+            date = parse_http_date(modified_since)
+            if date is not None and modified <= date:
+                return 304
+    return None
+
+
+def if_range_allows(header: str | None, etag: str | None, last_modified: float | None) -> bool:
+    """Whether a Range may be honoured under this ``If-Range`` value (RFC 9110 §13.1.5).
+
+    True without If-Range. An entity-tag must match strongly (a weak one
+    never does); a date must equal ``Last-Modified`` exactly (in whole
+    seconds). A malformed value does not match, so the full body is sent.
+    """
+    if header is None:
+        return True
+    value = header.strip(_OWS)
+    if value.startswith(('"', "W/")):
+        tag = _resource_tag(etag)
+        if tag is None:
+            return False
+        try:
+            candidates = parse_entity_tags(value)
+        except HeaderError:
+            return False
+        return len(candidates) == 1 and tag.strong_match(candidates[0])
+    date = parse_http_date(value)
+    return date is not None and last_modified is not None and math.floor(last_modified) == date

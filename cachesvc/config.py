@@ -1,0 +1,690 @@
+"""Configuration: flags, ``CACHESVC_*`` environment variables and an optional
+TOML file, merged into one immutable :class:`Config`.
+
+:class:`Config` declares every setting once, with its type and default;
+:data:`OPTIONS` adds how each one is written (parser, metavar) and its help.
+argparse, the environment and the TOML file are all driven by that table, so
+a new setting is a new field plus a new row, and nothing else.
+
+Precedence: flag > environment (``CACHESVC_<FLAG_IN_CAPS>``) > TOML file
+(``--config PATH`` or ``CACHESVC_CONFIG``) > default.
+
+Value syntax:
+
+- sizes: plain bytes or IEC units, ``4096``, ``512KiB``, ``64MiB``,
+  ``2GiB``, ``1TiB`` (unit letters case-insensitive, ``B`` allowed, a
+  fraction such as ``1.5GiB`` is rounded down to whole bytes). Decimal units
+  (``MB``) and bare letters (``M``) are refused on purpose: tools disagree on
+  whether ``1MB`` is 10**6 or 2**20 bytes.
+- durations: seconds (``30``, ``0.5``) or ``500ms``, ``30s``, ``5m``, ``1h``;
+  at most a year.
+- booleans: ``--read-only`` / ``--no-read-only`` on the command line,
+  ``1/true/yes`` and ``0/false/no`` (case-insensitive) in the environment,
+  ``true`` / ``false`` in TOML.
+- addresses: ``host:port`` or ``[ipv6]:port``. The host is required (no bare
+  ``:8080``): listening on every interface must be spelled ``0.0.0.0:8080``.
+  Port 0 asks the kernel for a free port (used by tests).
+- An empty environment variable counts as unset (docker-compose substitutes
+  an empty string for a missing ``${VAR:-}``).
+- TOML keys are flag names without the dashes, with ``-`` or ``_``
+  (``cache-size`` or ``cache_size``); sizes and durations may be numbers
+  (bytes, seconds) or strings; an unknown key is an error.
+
+Defaults that are computed: ``--cache-size`` is min(1 GiB, a quarter of the
+memory limit), the limit being the cgroup's (v2 ``memory.max`` or v1
+``memory.limit_in_bytes``, the smallest along the process's cgroup path) or
+else the machine's MemTotal; ``--max-dirty`` is half of the cache size.
+
+Cross-field rules: an admin listener on a non-loopback address needs
+``--admin-token``; ``--max-dirty`` and ``--readahead`` may not exceed
+``--cache-size``; the two listeners need different addresses. (A data
+listener on a non-loopback address without ``--write-token`` is allowed:
+writes are then refused at request time, see DESIGN.md.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import ipaddress
+import math
+import re
+import tomllib
+import urllib.parse
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Literal
+
+WriteMode = Literal["writeback", "writethrough"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["text", "json"]
+
+KiB = 1 << 10
+MiB = 1 << 20
+GiB = 1 << 30
+TiB = 1 << 40
+PAGE_SIZE = 4096
+
+ENV_PREFIX = "CACHESVC_"
+CONFIG_ENV = "CACHESVC_CONFIG"
+
+# Minimums for sizes: below these the cache cannot do useful work.
+MIN_CACHE_SIZE = 1 * MiB
+MIN_READAHEAD = 64 * KiB  # the reference design's fixed readahead window
+MIN_MAX_DIRTY = 64 * KiB
+DEFAULT_CACHE_SIZE_CAP = 1 * GiB
+MAX_SIZE = 2**63 - 1
+MAX_DURATION = 365 * 24 * 3600.0
+
+# cgroup v1 reports "no limit" as a huge page-rounded number; anything at or
+# above this is treated as unlimited.
+_CGROUP_V1_UNLIMITED = 1 << 60
+
+
+class ConfigError(Exception):
+    """A configuration value is invalid; names the flag it belongs to."""
+
+    def __init__(self, flag: str, message: str) -> None:
+        super().__init__(f"{flag}: {message}")
+        self.flag = flag
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    """A listen address. ``host`` has no brackets, even for IPv6. Immutable."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def is_loopback(self) -> bool:
+        """True for ``localhost`` and loopback IP addresses (127.0.0.0/8, ::1)."""
+        if self.host.lower() == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+# ---------------------------------------------------------------------------
+# Memory limit detection (for the default cache size)
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
+
+
+def _cgroup_dirs(root: Path, cgroup_path: str) -> list[Path]:
+    """``root/cgroup_path`` and each of its ancestors up to ``root`` itself.
+
+    In a container the path in /proc/self/cgroup may name the host's view of
+    the hierarchy while the container sees its own cgroup at the mount root;
+    walking up to the root covers both.
+    """
+    parts = [part for part in cgroup_path.split("/") if part and part not in (".", "..")]
+    return [root.joinpath(*parts[:n]) for n in range(len(parts), -1, -1)]
+
+
+def _cgroup_limit(cgroup_root: Path, proc_cgroup: Path) -> int | None:
+    """The smallest memory limit along this process's cgroup path (v2, then
+    v1 hierarchy); None when unlimited or unknown."""
+    text = _read_text(proc_cgroup) or ""
+    v2_path: str | None = None
+    v1_path: str | None = None
+    for line in text.splitlines():
+        hierarchy_id, _, rest = line.partition(":")
+        controllers, _, cgroup_path = rest.partition(":")
+        if hierarchy_id == "0" and controllers == "":
+            v2_path = cgroup_path
+        elif "memory" in controllers.split(","):
+            v1_path = cgroup_path
+    limits: list[int] = []
+    candidates = [(d / "memory.max", False) for d in _cgroup_dirs(cgroup_root, v2_path or "/")]
+    candidates += [
+        (d / "memory.limit_in_bytes", True)
+        for d in _cgroup_dirs(cgroup_root / "memory", v1_path or "/")
+    ]
+    for limit_file, is_v1 in candidates:
+        value = (_read_text(limit_file) or "").strip()
+        if not value.isascii() or not value.isdigit():  # missing, unreadable, or "max"
+            continue
+        limit = int(value)
+        if limit > 0 and not (is_v1 and limit >= _CGROUP_V1_UNLIMITED):
+            limits.append(limit)
+    return min(limits) if limits else None
+
+
+def _mem_total(meminfo: Path) -> int | None:
+    for line in (_read_text(meminfo) or "").splitlines():
+        match = re.fullmatch(r"MemTotal:\s+(\d+)\s+kB", line.strip())
+        if match:
+            return int(match.group(1)) * KiB
+    return None
+
+
+def detect_memory_limit(
+    cgroup_root: Path = Path("/sys/fs/cgroup"),
+    proc_cgroup: Path = Path("/proc/self/cgroup"),
+    meminfo: Path = Path("/proc/meminfo"),
+) -> int | None:
+    """The memory this process may use: the smaller of its cgroup limit
+    (v2 or v1) and the machine's MemTotal; None when neither can be read."""
+    found = [
+        limit
+        for limit in (_cgroup_limit(cgroup_root, proc_cgroup), _mem_total(meminfo))
+        if limit is not None
+    ]
+    return min(found) if found else None
+
+
+def default_cache_size(memory_limit: int | None) -> int:
+    """min(1 GiB, a quarter of ``memory_limit``), page-aligned, at least 1 MiB;
+    1 GiB when the limit is unknown."""
+    if memory_limit is None:
+        return DEFAULT_CACHE_SIZE_CAP
+    quarter = memory_limit // 4 // PAGE_SIZE * PAGE_SIZE
+    return max(MIN_CACHE_SIZE, min(DEFAULT_CACHE_SIZE_CAP, quarter))
+
+
+def detected_cache_size() -> int:
+    """The default cache size for this process's memory limit."""
+    return default_cache_size(detect_memory_limit())
+
+
+# ---------------------------------------------------------------------------
+# The configuration
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The server's whole configuration; every field is one flag. Immutable.
+
+    Constructing one checks the cross-field rules (raises ConfigError);
+    per-value syntax and bounds are checked by :func:`load_config`.
+    """
+
+    origin: str = "./data"
+    s3_endpoint: str | None = None
+    s3_region: str | None = None  # None: the client's default (us-east-1)
+    http_origin_writes: bool = False
+    listen: HostPort = HostPort("127.0.0.1", 8080)
+    admin_listen: HostPort = HostPort("127.0.0.1", 9090)
+    cache_size: int = field(default_factory=detected_cache_size)  # bytes
+    memory_file: str | None = None  # None: an anonymous memfd
+    write_mode: WriteMode = "writeback"
+    dirty_expire: float = 30.0  # seconds
+    max_dirty: int = 0  # bytes; 0 (the default) becomes cache_size // 2
+    readahead: int = 4 * MiB  # bytes, page-aligned
+    max_ranges: int = 64
+    max_partial_write: int = 64 * MiB  # bytes
+    revalidate: float = 60.0  # seconds
+    shutdown_grace: float = 30.0  # seconds
+    read_only: bool = False
+    write_token: str | None = field(default=None, repr=False)
+    admin_token: str | None = field(default=None, repr=False)
+    allow_anonymous_writes: bool = False
+    log_level: LogLevel = "info"
+    log_format: LogFormat = "text"
+
+    def __post_init__(self) -> None:
+        if self.max_dirty == 0:
+            object.__setattr__(self, "max_dirty", max(MIN_MAX_DIRTY, self.cache_size // 2))
+        size = format_size(self.cache_size)
+        if self.max_dirty > self.cache_size:
+            raise ConfigError("--max-dirty", f"must not exceed --cache-size ({size})")
+        if self.readahead > self.cache_size:
+            raise ConfigError("--readahead", f"must not exceed --cache-size ({size})")
+        if not self.admin_listen.is_loopback and not self.admin_token:
+            raise ConfigError(
+                "--admin-listen",
+                f"non-loopback address {self.admin_listen} requires --admin-token",
+            )
+        if self.admin_listen == self.listen and self.listen.port != 0:
+            raise ConfigError("--admin-listen", f"same address as --listen ({self.listen})")
+
+
+# ---------------------------------------------------------------------------
+# Value parsers: text -> typed value, ValueError(problem) on bad input
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kib": KiB, "mib": MiB, "gib": GiB, "tib": TiB}
+_SIZE_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)")
+_DURATION_UNITS = {"": 1.0, "s": 1.0, "ms": 0.001, "m": 60.0, "h": 3600.0}
+_DURATION_RE = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)")
+_HOSTNAME_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``4096``, ``512KiB``, ``1.5GiB`` ...; see the module docstring."""
+    match = _SIZE_RE.fullmatch(text.strip())
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _SIZE_UNITS:
+        raise ValueError(f"invalid size {text!r} (use bytes or IEC units like 512MiB)")
+    return int(Decimal(match.group(1)) * _SIZE_UNITS[unit])
+
+
+def format_size(size: int) -> str:
+    """The shortest exact spelling: ``1GiB``, ``512KiB``, ``1000``."""
+    for unit, factor in (("TiB", TiB), ("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if size >= factor and size % factor == 0:
+            return f"{size // factor}{unit}"
+    return str(size)
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from ``30``, ``0.5``, ``500ms``, ``30s``, ``5m``, ``1h``."""
+    match = _DURATION_RE.fullmatch(text.strip())
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _DURATION_UNITS:
+        raise ValueError(f"invalid duration {text!r} (use seconds or a unit: 500ms, 30s, 5m, 1h)")
+    return float(match.group(1)) * _DURATION_UNITS[unit]
+
+
+def format_duration(seconds: float) -> str:
+    """``30s``, ``500ms``, or ``0.0001s`` when neither is exact."""
+    if seconds == int(seconds):
+        return f"{int(seconds)}s"
+    if seconds * 1000 == int(seconds * 1000):
+        return f"{int(seconds * 1000)}ms"
+    return f"{seconds:g}s"
+
+
+def parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes"):
+        return True
+    if value in ("0", "false", "no"):
+        return False
+    raise ValueError(f"invalid boolean {text!r} (use 1/true/yes or 0/false/no)")
+
+
+def parse_int(text: str) -> int:
+    if not re.fullmatch(r"[0-9]+", text.strip()):
+        raise ValueError(f"invalid number {text!r} (use a whole number)")
+    return int(text)
+
+
+def parse_address(text: str) -> HostPort:
+    """``host:port`` or ``[ipv6]:port``; see the module docstring."""
+    bracketed = re.fullmatch(r"\[([^\]]*)\]:([^:]*)", text)
+    if bracketed:
+        host, port_text = bracketed.groups()
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"invalid IPv6 address {host!r} in {text!r}") from None
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ValueError(f"invalid address {text!r} (use host:port, e.g. 127.0.0.1:8080)")
+        if ":" in host:
+            raise ValueError(f"invalid address {text!r} (put IPv6 in brackets: [::1]:8080)")
+        if not host:
+            raise ValueError(
+                f"missing host in {text!r} (use 127.0.0.1:PORT, or 0.0.0.0:PORT for all interfaces)"
+            )
+        if not _HOSTNAME_RE.fullmatch(host) or len(host) > 253:
+            raise ValueError(f"invalid host {host!r} in {text!r}")
+        if re.fullmatch(r"[0-9.]+", host):
+            try:
+                ipaddress.IPv4Address(host)
+            except ValueError:
+                raise ValueError(f"invalid IPv4 address {host!r} in {text!r}") from None
+    if not re.fullmatch(r"[0-9]{1,5}", port_text) or int(port_text) > 65535:
+        raise ValueError(f"invalid port {port_text!r} in {text!r} (use 0 to 65535)")
+    return HostPort(host, int(port_text))
+
+
+def parse_origin(text: str) -> str:
+    """A local path, ``file://`` path, ``http(s)://host/...`` or ``s3://bucket/prefix``."""
+    value = text.strip()
+    if not value:
+        raise ValueError("must not be empty")
+    if "://" not in value:
+        return value
+    parts = urllib.parse.urlsplit(value)
+    scheme = parts.scheme.lower()
+    if scheme == "file":
+        if not parts.path:
+            raise ValueError(f"invalid origin {text!r} (file:// needs a path)")
+    elif scheme in ("http", "https"):
+        if not parts.hostname:
+            raise ValueError(f"invalid origin {text!r} (no host)")
+    elif scheme == "s3":
+        if not parts.netloc:
+            raise ValueError(f"invalid origin {text!r} (use s3://bucket/prefix)")
+    else:
+        raise ValueError(
+            f"unsupported origin {text!r} (use a path, file://, http://, https:// or s3://)"
+        )
+    return value
+
+
+def parse_http_url(text: str) -> str:
+    parts = urllib.parse.urlsplit(text.strip())
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"invalid URL {text!r} (use http(s)://host[:port])")
+    return text.strip()
+
+
+def parse_text(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be empty")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+        raise ValueError("must not contain control characters")
+    return text
+
+
+def parse_token(text: str) -> str:
+    # It travels in "Authorization: Bearer <token>": printable ASCII, no spaces.
+    if not text:
+        raise ValueError("must not be empty")
+    if not all("!" <= c <= "~" for c in text):
+        raise ValueError("must be printable ASCII without spaces")
+    return text
+
+
+def choice_parser(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in choices:
+            raise ValueError(f"invalid value {text!r} (choose {' or '.join(choices)})")
+        return value
+
+    return parse
+
+
+# ---------------------------------------------------------------------------
+# The option table
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One setting: how it is written and checked. Its type and default live
+    on the Config field of the same name. Immutable."""
+
+    name: str  # Config field name
+    parse: Callable[[str], Any]
+    help: str
+    group: str
+    metavar: str | None = None  # None for booleans
+    show: Callable[[Any], str] = str  # renders the default for --help
+    default_text: Callable[[], str] | None = None  # replaces show(default) in --help
+    minimum: float | None = None
+    maximum: float | None = None
+    align: int = 1  # values are rounded up to a multiple of this
+    numeric: bool = False  # TOML may give an int or float instead of a string
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+    @property
+    def boolean(self) -> bool:
+        return self.parse is parse_bool
+
+    @property
+    def default(self) -> Any:
+        """The Config field's default (computed now for a default_factory)."""
+        spec = _CONFIG_FIELDS[self.name]
+        if spec.default_factory is not dataclasses.MISSING:
+            return spec.default_factory()
+        return spec.default
+
+    def default_help(self) -> str:
+        if self.default_text is not None:
+            return self.default_text()
+        default = self.default
+        return "unset" if default is None else self.show(default)
+
+    def check(self, value: Any) -> Any:
+        """Bounds and alignment of a parsed value; ValueError on failure."""
+        if self.align > 1:
+            value = -(-value // self.align) * self.align
+        if self.minimum is not None and value < self.minimum:
+            raise ValueError(f"must be at least {self.show(self.minimum)}, got {self.show(value)}")
+        if self.maximum is not None and value > self.maximum:
+            raise ValueError(f"must be at most {self.show(self.maximum)}, got {self.show(value)}")
+        return value
+
+
+_CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _show_bool(value: bool) -> str:
+    return "true" if value else "false"
+
+
+def _show_size(value: float) -> str:
+    return format_size(int(value))
+
+
+def _size(name: str, help: str, group: str, minimum: int, **kw: Any) -> Option:
+    return Option(
+        name, parse_size, help, group, "SIZE", _show_size, minimum=minimum, maximum=MAX_SIZE,
+        numeric=True, **kw,
+    )  # fmt: skip
+
+
+def _duration(name: str, help: str, group: str, minimum: float = 0.0) -> Option:
+    return Option(
+        name, parse_duration, help, group, "DURATION", format_duration,
+        minimum=minimum, maximum=MAX_DURATION, numeric=True,
+    )  # fmt: skip
+
+
+def _bool(name: str, help: str, group: str) -> Option:
+    return Option(name, parse_bool, help, group, show=_show_bool)
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "origin", parse_origin,
+        "where files live: a directory (created if missing), file://PATH, http(s)://HOST/PATH"
+        " or s3://BUCKET/PREFIX",
+        "origin", "URL",
+    ),
+    Option(
+        "s3_endpoint", parse_http_url,
+        "S3 endpoint URL for MinIO, Ceph RGW ...; credentials come from the standard AWS"
+        " variables",
+        "origin", "URL",
+    ),
+    Option(
+        "s3_region", parse_text, "S3 region", "origin", "REGION",
+        default_text=lambda: "unset, i.e. us-east-1",
+    ),
+    _bool(
+        "http_origin_writes",
+        "the http(s):// origin accepts partial PUT (e.g. another cachesvc)", "origin",
+    ),
+    Option("listen", parse_address, "data listener address", "listeners", "ADDR"),
+    Option(
+        "admin_listen", parse_address,
+        "admin listener address (non-loopback requires --admin-token)", "listeners", "ADDR",
+    ),
+    _size(
+        "cache_size", "page cache budget", "cache", MIN_CACHE_SIZE,
+        default_text=lambda: "min(1GiB, a quarter of the memory limit)"
+        f" = {format_size(detected_cache_size())} here",
+    ),
+    Option(
+        "memory_file", parse_text,
+        "back the cache with this file (e.g. on tmpfs) instead of an anonymous memfd",
+        "cache", "PATH",
+    ),
+    _size("readahead", "readahead window (rounded up to 4KiB)", "cache", MIN_READAHEAD,
+          align=PAGE_SIZE),
+    _duration(
+        "revalidate", "how long cached data is trusted before the origin is asked again",
+        "cache",
+    ),
+    Option(
+        "write_mode", choice_parser("writeback", "writethrough"),
+        "writeback: dirty data is written to the origin later; writethrough: before the"
+        " write returns",
+        "write-back", "{writeback,writethrough}",
+    ),
+    _duration(
+        "dirty_expire", "write back dirty data older than this", "write-back",
+        minimum=0.001,
+    ),
+    _size(
+        "max_dirty", "write back when dirty data exceeds this", "write-back", MIN_MAX_DIRTY,
+        default_text=lambda: "half of --cache-size",
+    ),
+    _duration(
+        "shutdown_grace", "how long in-flight requests may run after SIGTERM", "write-back",
+    ),
+    Option(
+        "max_ranges", parse_int, "most ranges in one request after coalescing",
+        "requests", "N", minimum=1, maximum=MAX_SIZE, numeric=True,
+    ),
+    _size("max_partial_write", "largest partial write body", "requests", 1),
+    _bool("read_only", "refuse all writes", "security"),
+    Option(
+        "write_token", parse_token,
+        "bearer token required for writes (prefer the environment variable)",
+        "security", "TOKEN",
+    ),
+    Option(
+        "admin_token", parse_token,
+        "bearer token required for admin actions (prefer the environment variable)",
+        "security", "TOKEN",
+    ),
+    _bool(
+        "allow_anonymous_writes",
+        "allow writes without a token on a non-loopback data listener", "security",
+    ),
+    Option(
+        "log_level", choice_parser("debug", "info", "warning", "error"),
+        "log level", "logging", "{debug,info,warning,error}",
+    ),
+    Option(
+        "log_format", choice_parser("text", "json"), "text lines or JSON lines",
+        "logging", "{text,json}",
+    ),
+)  # fmt: skip
+
+OPTIONS_BY_NAME = {option.name: option for option in OPTIONS}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds ``--config`` and one flag per option (default None: "not given")."""
+    parser.add_argument(
+        "--config", metavar="PATH", default=None,
+        help=f"TOML file with more settings (env {CONFIG_ENV})",
+    )  # fmt: skip
+    names = dict.fromkeys(option.group for option in OPTIONS)  # in table order
+    groups = {name: parser.add_argument_group(f"{name} options") for name in names}
+    for option in OPTIONS:
+        text = f"{option.help} (default: {option.default_help()}; env {option.env})"
+        if option.boolean:
+            groups[option.group].add_argument(
+                option.flag, dest=option.name, action=argparse.BooleanOptionalAction,
+                default=None, help=text,
+            )  # fmt: skip
+        else:
+            groups[option.group].add_argument(
+                option.flag, dest=option.name, metavar=option.metavar, default=None, help=text
+            )
+
+
+# ---------------------------------------------------------------------------
+# Loading
+
+
+Source = Literal["flag", "env", "file"]
+
+
+def _convert(option: Option, raw: object, source: Source, where: str = "") -> Any:
+    """A raw value -> checked typed value. Flags and environment variables
+    give text (flags give booleans as bool); TOML gives its own types."""
+    try:
+        if option.boolean:
+            if isinstance(raw, bool):
+                return raw
+            if isinstance(raw, str) and source == "env":
+                return parse_bool(raw)
+            raise ValueError(f"invalid boolean {raw!r} (use true or false)")
+        if isinstance(raw, int | float) and not isinstance(raw, bool) and option.numeric:
+            if isinstance(raw, float) and not math.isfinite(raw):
+                raise ValueError(f"invalid number {raw!r}")
+            # Decimal notation, so that 1e3 reaches the parser as 1000.
+            raw = str(raw) if isinstance(raw, int) else format(Decimal(repr(raw)), "f")
+        if not isinstance(raw, str):
+            raise ValueError(f"invalid value {raw!r} (expected a string)")
+        return option.check(option.parse(raw))
+    except ValueError as exc:
+        suffix = f" (from {where})" if where else ""
+        raise ConfigError(option.flag, f"{exc}{suffix}") from None
+
+
+def read_config_file(path: str) -> dict[str, object]:
+    """The TOML file's settings keyed by Config field name."""
+    try:
+        with open(path, "rb") as file:
+            data = tomllib.load(file)
+    except OSError as exc:
+        raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("--config", f"invalid TOML in {path}: {exc}") from None
+    values: dict[str, object] = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name not in OPTIONS_BY_NAME:
+            known = [option.name.replace("_", "-") for option in OPTIONS]
+            close = difflib.get_close_matches(key.replace("_", "-"), known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError("--config", f"unknown key {key!r} in {path}{hint}")
+        if name in values:
+            raise ConfigError("--config", f"key {key!r} given twice in {path}")
+        values[name] = value
+    return values
+
+
+def load_config(
+    flags: argparse.Namespace | Mapping[str, object],
+    environ: Mapping[str, str],
+    *,
+    memory_limit: Callable[[], int | None] = detect_memory_limit,
+) -> Config:
+    """Merges flags > environment > TOML file > defaults into a Config.
+
+    ``flags`` maps Config field names (and ``config``) to the parsed
+    command-line values, None or absent when not given: the Namespace from a
+    parser set up by :func:`add_arguments`, or a plain dict in tests.
+    ``memory_limit`` is only called when ``--cache-size`` is not set.
+    Raises ConfigError naming the flag of the first bad value.
+    """
+    given = vars(flags) if isinstance(flags, argparse.Namespace) else dict(flags)
+    config_path = str(given.get("config") or environ.get(CONFIG_ENV) or "")
+    from_file = read_config_file(config_path) if config_path else {}
+    values: dict[str, Any] = {}
+    for option in OPTIONS:
+        raw = given.get(option.name)
+        env_value = environ.get(option.env, "")
+        if raw is not None:
+            values[option.name] = _convert(option, raw, "flag")
+        elif env_value != "":
+            values[option.name] = _convert(option, env_value, "env", option.env)
+        elif option.name in from_file:
+            values[option.name] = _convert(option, from_file[option.name], "file", config_path)
+    if "cache_size" not in values:
+        values["cache_size"] = default_cache_size(memory_limit())
+    return Config(**values)
