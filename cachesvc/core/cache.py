@@ -207,13 +207,25 @@ class FileCache:
                 await inode.evict(rng)
 
     async def replace(self, path: str, chunks: AsyncIterable[bytes]) -> tuple[CachingInode, bool]:
-        """Replaces ``path`` with the streamed bytes; returns (inode, created)."""
-        created = False
+        """Replaces ``path`` with the streamed bytes; returns (inode, created).
+
+        A new path is created by the upload itself, so an interrupted first
+        upload leaves nothing behind; an existing file keeps its old content.
+        """
         try:
             inode = await self._get(path, create=False)
         except OriginNotFound:
-            inode = await self._get(path, create=True)
-            created = True
+            stat = await self.origin.replace(path, chunks)
+            inode = await self._get(path, create=False)
+            inode.users += 1
+            try:
+                # Another request may have created the inode meanwhile.
+                async with inode.writeback_mu, inode.attr_mu:
+                    await inode.replaced(stat)
+            finally:
+                inode.users -= 1
+            self.forget_if_idle(inode)
+            return inode, True
         inode.users += 1
         try:
             async with inode.writeback_mu, inode.attr_mu:
@@ -222,7 +234,7 @@ class FileCache:
         finally:
             inode.users -= 1
         self.forget_if_idle(inode)
-        return inode, created
+        return inode, False
 
     async def remove(self, path: str) -> None:
         """Removes ``path`` at the origin and drops it (and its dirty data) here."""

@@ -1,0 +1,122 @@
+"""The one place errors become HTTP responses.
+
+Every error body is JSON: ``{"error": "<code>", "message": "<text>"}``.
+:data:`ERROR_TABLE` maps exception types to statuses; the middleware applies
+it, turns aiohttp's own HTTP errors (404 route, 405 method, 413 ...) into
+the same JSON form, and answers anything unexpected with a bare-bones 500
+(the traceback goes to the log, never to the client).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from cachesvc.api.paths import BadPath
+from cachesvc.core.errors import CacheFull, NotAFile
+from cachesvc.core.memfile import MemoryFileFull
+from cachesvc.origins.base import (
+    OriginConflict,
+    OriginError,
+    OriginNoSpace,
+    OriginNotFound,
+    OriginPermissionDenied,
+    OriginTimeout,
+    OriginUnavailable,
+    OriginUnsupported,
+)
+
+log = logging.getLogger("cachesvc.api")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ApiError(Exception):
+    """An error the API layer raises itself, with its status and code."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.headers = headers or {}
+
+
+# Exception type -> (status, code). First match wins: subclasses first.
+ERROR_TABLE: tuple[tuple[type[Exception], int, str], ...] = (
+    (BadPath, 400, "bad_path"),
+    (OriginNotFound, 404, "not_found"),
+    (NotAFile, 404, "not_found"),
+    (OriginPermissionDenied, 403, "forbidden"),
+    (OriginUnsupported, 405, "not_supported"),
+    (OriginNoSpace, 507, "insufficient_storage"),
+    (CacheFull, 507, "cache_full"),
+    (MemoryFileFull, 507, "cache_full"),
+    (OriginTimeout, 504, "origin_timeout"),
+    (OriginConflict, 502, "origin_changed"),
+    (OriginUnavailable, 502, "origin_error"),
+    (OriginError, 502, "origin_error"),
+)
+
+_REASON_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    411: "length_required",
+    412: "precondition_failed",
+    413: "too_large",
+    414: "uri_too_long",
+    415: "unsupported_media_type",
+    416: "range_not_satisfiable",
+    431: "headers_too_large",
+}
+
+
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    """A JSON error response."""
+    return web.json_response(
+        {"error": code, "message": message}, status=status, headers=headers or {}
+    )
+
+
+def status_of(exc: Exception) -> tuple[int, str] | None:
+    """The (status, code) of a mapped exception, or None."""
+    for cls, status, code in ERROR_TABLE:
+        if isinstance(exc, cls):
+            return status, code
+    return None
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turns every error into a JSON error response."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return error_response(exc.status, exc.code, str(exc), exc.headers)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        headers = {
+            k: v for k, v in exc.headers.items() if k.lower() in ("allow", "www-authenticate")
+        }
+        code = _REASON_CODES.get(exc.status, "error")
+        message = exc.text if exc.text and not exc.text.startswith(str(exc.status)) else exc.reason
+        return error_response(exc.status, code, message or exc.reason, headers)
+    except ConnectionError:
+        # The client went away; there is nobody to answer.
+        log.info("client disconnected during %s %s", request.method, request.path)
+        raise
+    except Exception as exc:
+        mapped = status_of(exc)
+        if mapped is None:
+            log.exception("unexpected error on %s %s", request.method, request.path)
+            return error_response(500, "internal", "internal error; see the server log")
+        status, code = mapped
+        return error_response(status, code, str(exc) or code)

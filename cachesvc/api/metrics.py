@@ -1,0 +1,142 @@
+"""Prometheus metrics of one cachesvc process (prefix ``cachesvc_``).
+
+Gauges and cache counters come from a custom collector that reads the live,
+incrementally kept figures of the FileCache and MemoryFile at scrape time:
+a scrape is O(1) and never scans pages or blocks the loop. Request and
+origin metrics are ordinary prometheus-client counters and histograms,
+updated on the paths they measure. No label ever carries a file path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from cachesvc.core.cache import FileCache
+from cachesvc.core.memfile import MemoryKind
+
+PREFIX = "cachesvc"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+
+
+class CacheCollector(Collector):
+    """Reads memory figures and cache counters at scrape time."""
+
+    def __init__(self, cache: FileCache) -> None:
+        self._cache = cache
+
+    def collect(self) -> Iterator[Metric]:
+        cache = self._cache
+        memfile = cache.memfile
+        counters = cache.counters
+
+        committed = GaugeMetricFamily(
+            f"{PREFIX}_memory_committed_bytes",
+            "Memory-file bytes the host has committed, by kind.",
+            labels=["kind"],
+        )
+        for kind in MemoryKind:
+            committed.add_metric([kind.value], memfile.committed_bytes(kind))
+        yield committed
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            return CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+
+        yield gauge("memory_mapped_bytes", "Cache bytes held by mappings.", counters.mapped_bytes)
+        yield gauge(
+            "memory_evictable_bytes", "Cache bytes that may be evicted.", memfile.evictable_bytes
+        )
+        yield gauge(
+            "memory_dirty_bytes", "Cached bytes newer than the origin.", counters.dirty_bytes
+        )
+        yield gauge(
+            "memory_allocated_bytes",
+            "Memory-file bytes allocated (all kinds).",
+            sum(memfile.allocated_bytes(kind) for kind in MemoryKind),
+        )
+        yield gauge("memory_file_size_bytes", "Size of the backing memory file.", memfile.file_size)
+        yield gauge(
+            "memory_limit_bytes", "The page-cache budget (--cache-size).", cache.options.cache_size
+        )
+        yield gauge("open_files", "Files with an in-memory inode.", len(cache.files()))
+        yield counter("cache_hit_bytes", "Bytes served from the cache.", counters.hit_bytes)
+        yield counter("cache_miss_bytes", "Bytes filled from the origin.", counters.miss_bytes)
+        yield counter("evictions", "Evictions that dropped pages.", counters.evictions)
+        yield counter("evicted_bytes", "Bytes dropped by eviction.", counters.evicted_bytes)
+        yield counter(
+            "reclaimed_bytes", "Bytes returned to the host.", memfile.reclaimed_bytes_total
+        )
+        yield counter("writeback_bytes", "Bytes written back.", counters.writeback_bytes)
+        yield counter("writeback_errors", "Failed write-backs.", counters.writeback_errors)
+
+
+class Metrics:
+    """The metric objects of one server, in their own registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.http_requests = Counter(
+            f"{PREFIX}_http_requests",
+            "HTTP requests on the data listener.",
+            ["method", "status"],
+            registry=self.registry,
+        )
+        self.http_duration = Histogram(
+            f"{PREFIX}_http_request_duration_seconds",
+            "Time to answer a data request.",
+            ["method"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.origin_requests = Counter(
+            f"{PREFIX}_origin_requests",
+            "Calls to the origin.",
+            ["op", "outcome"],
+            registry=self.registry,
+        )
+        self.origin_bytes = Counter(
+            f"{PREFIX}_origin_bytes",
+            "Bytes moved to or from the origin.",
+            ["direction"],
+            registry=self.registry,
+        )
+        self.origin_duration = Histogram(
+            f"{PREFIX}_origin_request_duration_seconds",
+            "Duration of origin calls.",
+            ["op"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        for direction in ("in", "out"):
+            self.origin_bytes.labels(direction)
+
+    def watch_cache(self, cache: FileCache) -> None:
+        """Adds the gauges and counters read from ``cache`` at scrape time."""
+        self.registry.register(CacheCollector(cache))
+
+    # OriginObserver
+    def observe(self, op: str, outcome: str, seconds: float) -> None:
+        self.origin_requests.labels(op, outcome).inc()
+        self.origin_duration.labels(op).observe(seconds)
+
+    def transferred(self, direction: str, nbytes: int) -> None:
+        if nbytes:
+            self.origin_bytes.labels(direction).inc(nbytes)
+
+    def observe_request(self, method: str, status: int, seconds: float) -> None:
+        self.http_requests.labels(method, str(status)).inc()
+        self.http_duration.labels(method).observe(seconds)
+
+    def exposition(self) -> bytes:
+        """The text exposition of every metric."""
+        return generate_latest(self.registry)

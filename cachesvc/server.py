@@ -1,0 +1,177 @@
+"""Builds the data and admin apps on their listeners and runs them.
+
+Lifecycle: open the origin and the memory file, start the cache's
+write-back daemon and a usage refresher (the host's view of committed
+memory, read in a worker thread so scrapes stay O(1)), then serve until
+SIGTERM or SIGINT. Shutdown stops accepting, lets in-flight requests finish
+within ``--shutdown-grace``, writes back all dirty data and fsyncs; the exit
+status is 0, or 1 after naming the files and ranges that could not be
+written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from dataclasses import dataclass
+
+import uvloop
+from aiohttp import web
+
+from cachesvc import __version__
+from cachesvc.api.admin import make_admin_app
+from cachesvc.api.data import make_data_app
+from cachesvc.api.metrics import Metrics
+from cachesvc.api.writes import runner_options
+from cachesvc.config import Config
+from cachesvc.core.cache import CacheOptions, FileCache
+from cachesvc.core.memfile import MemoryFile
+from cachesvc.origins import OriginOptions, open_origin
+from cachesvc.origins.instrumented import InstrumentedOrigin
+
+log = logging.getLogger("cachesvc.server")
+
+# How often the host's view of committed memory is refreshed.
+USAGE_REFRESH_SECONDS = 1.0
+
+
+@dataclass(slots=True)
+class Service:
+    """Everything one running server owns."""
+
+    config: Config
+    cache: FileCache
+    memfile: MemoryFile
+    origin: InstrumentedOrigin
+    metrics: Metrics
+    runners: list[web.AppRunner]
+    refresher: asyncio.Task[None]
+
+
+def cache_options(config: Config) -> CacheOptions:
+    return CacheOptions(
+        cache_size=config.cache_size,
+        max_dirty=config.max_dirty,
+        dirty_expire=config.dirty_expire,
+        readahead=config.readahead,
+        writethrough=config.write_mode == "writethrough",
+        revalidate=config.revalidate,
+    )
+
+
+async def start(config: Config) -> Service:
+    """Opens everything and starts both listeners."""
+    metrics = Metrics()
+    inner = open_origin(
+        config.origin,
+        OriginOptions(
+            http_origin_writes=config.http_origin_writes,
+            s3_endpoint=config.s3_endpoint,
+            s3_region=config.s3_region,
+        ),
+    )
+    origin = InstrumentedOrigin(inner, metrics)
+    memfile = await MemoryFile.create(config.memory_file)
+    cache = FileCache(origin, memfile, cache_options(config))
+    cache.start()
+    metrics.watch_cache(cache)
+    runners: list[web.AppRunner] = []
+    for app, address, options in (
+        (make_data_app(cache, config, metrics), config.listen, runner_options()),
+        (make_admin_app(cache, config, metrics), config.admin_listen, {}),
+    ):
+        runner = web.AppRunner(
+            app,
+            handle_signals=False,
+            access_log=None,
+            shutdown_timeout=config.shutdown_grace,
+            **options,
+        )
+        await runner.setup()
+        site = web.TCPSite(runner, address.host, address.port, reuse_address=True)
+        await site.start()
+        runners.append(runner)
+    refresher = asyncio.create_task(_refresh_usage(memfile), name="usage refresher")
+    return Service(config, cache, memfile, origin, metrics, runners, refresher)
+
+
+def bound_addresses(service: Service) -> list[str]:
+    """``host:port`` of each listener as bound (data first, then admin)."""
+    out = []
+    for runner in service.runners:
+        for address in runner.addresses:
+            host, port = address[0], address[1]
+            out.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    return out
+
+
+async def _refresh_usage(memfile: MemoryFile) -> None:
+    while True:
+        try:
+            await memfile.update_usage()
+        except OSError as exc:
+            log.warning("could not read memory usage: %s", exc)
+        await asyncio.sleep(USAGE_REFRESH_SECONDS)
+
+
+async def stop(service: Service) -> int:
+    """Graceful shutdown; returns the process exit status."""
+    for runner in service.runners:
+        # Stops accepting, then waits up to shutdown_grace for requests.
+        await runner.cleanup()
+    service.refresher.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await service.refresher
+    failures = await service.cache.close()
+    await service.origin.close()
+    await service.memfile.close()
+    for failure in failures:
+        ranges = ", ".join(f"[{a}, {b})" for a, b in failure.ranges) or "attributes"
+        log.error(
+            "could not write back %s (%s): %s",
+            failure.path,
+            ranges,
+            failure.error,
+            extra={"path": failure.path},
+        )
+    if failures:
+        log.error("shutdown with %d file(s) not written back", len(failures))
+        return 1
+    log.info("shutdown complete; all data written back")
+    return 0
+
+
+async def run(config: Config) -> int:
+    """Serves until SIGTERM/SIGINT; returns the exit status."""
+    service = await start(config)
+    addresses = bound_addresses(service)
+    log.info(
+        "cachesvc %s serving %s on http://%s (admin http://%s), cache size %d bytes",
+        __version__,
+        service.origin.description,
+        addresses[0],
+        addresses[1],
+        config.cache_size,
+    )
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    log.info("signal received; finishing in-flight requests and writing back")
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(sig)
+    return await stop(service)
+
+
+def serve_forever(config: Config) -> int:
+    """Runs the server on uvloop; returns the exit status."""
+    try:
+        return uvloop.run(run(config))
+    except OSError as exc:
+        # Typically a listener that cannot bind.
+        print(f"cachesvc: error: {exc}", file=sys.stderr)
+        return 1

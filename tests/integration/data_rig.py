@@ -1,0 +1,255 @@
+"""A data listener served for tests: the real app over a LocalOrigin in a temp
+dir and a real MemoryFile, on uvloop in its own thread (as in production),
+listening on 127.0.0.1 on a free port.
+
+Tests talk to it over real sockets from pytest's loop. Content is a
+function of (seed, offset), so any range can be checked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import hashlib
+import re
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+import uvloop
+from aiohttp import web
+from yarl import URL
+
+from cachesvc.api.data import make_data_app
+from cachesvc.api.metrics import Metrics
+from cachesvc.api.writes import runner_options
+from cachesvc.config import Config, HostPort
+from cachesvc.core.cache import CacheOptions, FileCache
+from cachesvc.core.memfile import MemoryFile
+from cachesvc.origins.base import Origin
+from cachesvc.origins.local import LocalOrigin
+
+T = TypeVar("T")
+KiB = 1 << 10
+MiB = 1 << 20
+START_TIMEOUT = 20.0
+STOP_TIMEOUT = 30.0
+
+_BLOCK = MiB
+
+
+def _block(seed: int, index: int) -> bytes:
+    return hashlib.shake_256(f"{seed}:{index}".encode()).digest(_BLOCK)
+
+
+def content(seed: int, offset: int, length: int) -> bytes:
+    """``length`` bytes of stream ``seed`` from ``offset`` (any slice agrees)."""
+    out = bytearray()
+    pos, end = offset, offset + length
+    while pos < end:
+        index, skip = divmod(pos, _BLOCK)
+        take = min(_BLOCK - skip, end - pos)
+        out += _block(seed, index)[skip : skip + take]
+        pos += take
+    return bytes(out)
+
+
+def write_file(path: Path, seed: int, size: int) -> bytes:
+    """Writes ``size`` bytes of stream ``seed`` to ``path`` and returns them."""
+    data = content(seed, 0, size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return data
+
+
+@dataclass
+class DataServer:
+    """A running data app; ``call`` runs a coroutine function on its loop."""
+
+    root: Path
+    config: Config
+    cache_options: CacheOptions
+    wrap_origin: Callable[[Origin], Origin] | None = None
+    header_timeout: float = 30.0
+    port: int = 0
+    cache: FileCache | None = None
+    metrics: Metrics = field(default_factory=Metrics)
+    _loop: asyncio.AbstractEventLoop | None = None
+    _stop: asyncio.Event | None = None
+    _thread: threading.Thread | None = None
+    _ready: threading.Event = field(default_factory=threading.Event)
+    _error: BaseException | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="data server", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(START_TIMEOUT):
+            raise TimeoutError("data server did not start")
+        if self._error is not None:
+            raise RuntimeError("data server failed to start") from self._error
+
+    def _run(self) -> None:
+        try:
+            uvloop.run(self._main())
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        origin: Origin = LocalOrigin.open(str(self.root))
+        if self.wrap_origin is not None:
+            origin = self.wrap_origin(origin)
+        memfile = await MemoryFile.create()
+        cache = FileCache(origin, memfile, self.cache_options)
+        cache.start()
+        self.cache = cache
+        runner = web.AppRunner(
+            make_data_app(cache, self.config, self.metrics),
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=5.0,
+            **runner_options(self.header_timeout),
+        )
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = runner.addresses[0][1]
+        self._ready.set()
+        try:
+            await self._stop.wait()
+        finally:
+            await runner.cleanup()
+            await cache.close()
+            await memfile.close()
+            await origin.close()
+
+    async def call(self, fn: Callable[[], Awaitable[T]], timeout: float = 30.0) -> T:
+        """Runs ``fn()`` on the server's loop and returns its result."""
+        assert self._loop is not None
+
+        async def run() -> T:
+            return await fn()
+
+        future: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(run(), self._loop)
+        return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None and not self._loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._stop.set)
+        if self._thread is not None:
+            self._thread.join(STOP_TIMEOUT)
+            if self._thread.is_alive():
+                raise TimeoutError("data server did not stop")
+
+
+def make_config(**overrides: Any) -> Config:
+    values: dict[str, Any] = {
+        "listen": HostPort("127.0.0.1", 0),
+        "admin_listen": HostPort("127.0.0.1", 0),
+        "cache_size": 256 * MiB,
+        "max_partial_write": 8 * MiB,
+    }
+    values.update(overrides)
+    return Config(**values)
+
+
+@contextlib.contextmanager
+def serving(
+    root: Path,
+    *,
+    wrap_origin: Callable[[Origin], Origin] | None = None,
+    cache_size: int = 256 * MiB,
+    header_timeout: float = 30.0,
+    **config: Any,
+) -> Iterator[DataServer]:
+    """Starts a DataServer over ``root`` and always stops it."""
+    root.mkdir(parents=True, exist_ok=True)
+    options = CacheOptions(
+        cache_size=cache_size,
+        max_dirty=cache_size // 2,
+        readahead=4 * MiB,
+        revalidate=3600.0,
+        dirty_expire=3600.0,
+    )
+    server = DataServer(
+        root, make_config(cache_size=cache_size, **config), options, wrap_origin, header_timeout
+    )
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@dataclass
+class Reply:
+    """A response read whole."""
+
+    status: int
+    headers: Any  # CIMultiDictProxy[str]
+    body: bytes
+
+    def json(self) -> Any:
+        import json
+
+        return json.loads(self.body)
+
+
+async def fetch(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    *,
+    headers: dict[str, str] | None = None,
+    data: Any = None,
+    timeout: float = 30.0,
+) -> Reply:
+    """One request; the URL is sent as given (no re-encoding or normalisation)."""
+    async with asyncio.timeout(timeout):
+        async with session.request(
+            method, URL(url, encoded=True), headers=headers, data=data
+        ) as resp:
+            body = await resp.read()
+            return Reply(resp.status, resp.headers, body)
+
+
+async def raw_exchange(
+    port: int, request: bytes, *, close_after: bool = True, timeout: float = 10.0
+) -> bytes:
+    """Sends raw bytes and returns the first response (head and body).
+
+    With ``close_after`` the connection is closed for writing after the
+    request, so a body shorter than announced ends there.
+    """
+    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), timeout)
+    try:
+        writer.write(request)
+        await writer.drain()
+        if close_after:
+            writer.write_eof()
+        async with asyncio.timeout(timeout):
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError as exc:
+                return exc.partial
+            match = re.search(rb"\r\ncontent-length: *([0-9]+)\r\n", head, re.IGNORECASE)
+            length = int(match[1]) if match else 0
+            try:
+                return head + await reader.readexactly(length)
+            except asyncio.IncompleteReadError as exc:
+                return head + exc.partial
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
