@@ -48,7 +48,8 @@ from cachesvc.api.httpranges import (
     format_etag,
     format_http_date,
 )
-from cachesvc.core.inode import CachingInode, Mapping
+from cachesvc.core.inode import CachingInode
+from cachesvc.core.mapping import Mapping
 from cachesvc.core.ranges import Range
 
 log = logging.getLogger("cachesvc.api")

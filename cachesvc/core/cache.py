@@ -28,7 +28,8 @@ from dataclasses import dataclass
 
 from cachesvc.core.accounting import CacheCounters
 from cachesvc.core.errors import CacheFull
-from cachesvc.core.inode import CachingInode, Mapping
+from cachesvc.core.inode import CachingInode
+from cachesvc.core.mapping import Mapping
 from cachesvc.core.memfile import MemoryFile, MemoryKind
 from cachesvc.origins.base import Origin, OriginError, OriginNotFound
 

@@ -27,14 +27,14 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from cachesvc.core.fills import MIN_READAHEAD, Fill, plan_fills
 from cachesvc.core.locks import OrderedLock, RWLock
+from cachesvc.core.mapping import Mapping, MemoryPieces
 from cachesvc.core.memfile import MemoryKind
 from cachesvc.core.pages import (
-    copy_from_views,
     copy_into_views,
     page_down,
     page_range,
@@ -47,7 +47,9 @@ from cachesvc.core.ranges import (
     dirty_set,
     file_range_set,
     ref_count_set,
+    union_ranges,
 )
+from cachesvc.core.writeback import DirtySnapshot
 from cachesvc.origins.base import OriginConflict, OriginError, OriginStat
 
 if TYPE_CHECKING:
@@ -55,21 +57,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cachesvc.inode")
 
-# The reference design's default fill window (maxFillRange): 64 KiB.
-MIN_READAHEAD = 64 << 10
-# The largest single fill; larger reads are filled in several pieces.
-MAX_FILL = 32 << 20
 # A page-aligned end beyond any file.
 _END = 1 << 62
-
-
-@dataclass(slots=True)
-class Fill:
-    """An origin read in flight for a page-aligned file range."""
-
-    range: Range
-    done: asyncio.Future[None]
-    stale: bool = False  # set when a write or truncate overtook the fill
 
 
 @dataclass(slots=True)
@@ -85,75 +74,6 @@ class Attributes:
     def refresh_etag(self) -> None:
         digest = hashlib.blake2b(f"{self.etag_base}/{self.version}".encode(), digest_size=12)
         self.etag = digest.hexdigest()
-
-
-class Mapping:
-    """Cache pages of one file range, held outside data_mu until released.
-
-    A mapping holds a MemoryFile reference on every page it covers, so the
-    bytes stay valid (and unevicted) while, for example, a response sends
-    them; later writes to the range may still show through.
-    """
-
-    __slots__ = ("_inode", "_memory", "_pages", "_released", "length", "missed", "offset")
-
-    def __init__(
-        self,
-        inode: CachingInode,
-        pages: Range,
-        memory: list[tuple[int, Range]],
-        offset: int,
-        length: int,
-    ) -> None:
-        self._inode = inode
-        self._pages = pages  # page-aligned file range. Immutable.
-        self._memory = memory  # (file offset, memory range) pieces covering _pages. Immutable.
-        self.offset = offset  # first byte of the mapped bytes. Immutable.
-        self.length = length  # number of mapped bytes. Immutable.
-        self.missed = 0  # bytes that had to be filled from the origin for this mapping
-        self._released = False
-
-    def extents(self) -> list[tuple[int, int]]:
-        """``(memory file offset, length)`` pieces holding the mapped bytes, in order."""
-        out: list[tuple[int, int]] = []
-        start, end = self.offset, self.offset + self.length
-        for file_off, mem in self._memory:
-            lo = max(start, file_off)
-            hi = min(end, file_off + mem.length)
-            if lo < hi:
-                out.append((mem.start + lo - file_off, hi - lo))
-        return out
-
-    def views(self) -> list[memoryview]:
-        """Read-only views of the mapped bytes, in order."""
-        memfile = self._inode.memfile
-        out: list[memoryview] = []
-        for mem_off, n in self.extents():
-            mem = page_range(mem_off, mem_off + n)
-            skip = mem_off - mem.start
-            for view in memfile.map_internal(mem, write=False):
-                if skip >= len(view):
-                    skip -= len(view)
-                    continue
-                piece = view[skip : skip + n]
-                out.append(piece)
-                n -= len(piece)
-                skip = 0
-                if n == 0:
-                    break
-        return out
-
-    def tobytes(self) -> bytes:
-        out = bytearray(self.length)
-        copy_from_views(self.views(), memoryview(out))
-        return bytes(out)
-
-    async def release(self) -> None:
-        """Gives the pages back; the mapping must not be used afterwards."""
-        if self._released:
-            return
-        self._released = True
-        await self._inode._remove_mapping(self._pages, self._memory)
 
 
 class CachingInode:
@@ -332,34 +252,11 @@ class CachingInode:
 
         Preconditions: data_mu is held (for reading suffices).
         """
-        waits: list[asyncio.Future[None]] = []
-        size_end = page_up(self.attr.size)
-        for gap in gaps:
-            pieces = [gap]
-            for fill in self._fills:
-                if fill.stale or not fill.range.overlaps(gap):
-                    continue
-                waits.append(fill.done)
-                pieces = [p for piece in pieces for p in _subtract(piece, fill.range)]
-            for piece in pieces:
-                # Extend the last piece by the readahead window, up to the
-                # next cached page, the next fill, and the end of the file.
-                bound = self.cache_set.find_gap(piece.start)
-                limit = min(
-                    bound.end if bound is not None else piece.end,
-                    size_end,
-                    max(piece.end, request_end + self._ra_window),
-                    piece.start + max(MAX_FILL, piece.length),
-                )
-                for fill in self._fills:
-                    if fill.range.start >= piece.end:
-                        limit = min(limit, fill.range.start)
-                fill_range = Range(piece.start, max(piece.end, limit))
-                for start in range(fill_range.start, fill_range.end, MAX_FILL):
-                    waits.append(
-                        self._start_fill(Range(start, min(start + MAX_FILL, fill_range.end)))
-                    )
-        return waits
+        plan = plan_fills(
+            gaps, self._fills, self.cache_set, page_up(self.attr.size), request_end,
+            self._ra_window,
+        )  # fmt: skip
+        return [*plan.joined, *(self._start_fill(rng) for rng in plan.new)]
 
     def _start_fill(self, rng: Range) -> asyncio.Future[None]:
         fill = Fill(rng, asyncio.get_running_loop().create_future())
@@ -442,19 +339,19 @@ class CachingInode:
 
     # --------------------------------------------------------------- mappings
 
-    def _memory_pieces_locked(self, pages: Range) -> list[tuple[int, Range]]:
+    def _memory_pieces_locked(self, pages: Range) -> MemoryPieces:
         """``(file offset, memory range)`` pieces of cached ``pages``, in order.
 
         Preconditions: data_mu is held; ``pages`` is fully cached.
         """
-        pieces: list[tuple[int, Range]] = []
+        pieces: MemoryPieces = []
         for seg, mem in self.cache_set.segments(pages):
             part = seg.intersect(pages)
             start = mem + part.start - seg.start
             pieces.append((part.start, Range(start, start + part.length)))
         return pieces
 
-    def _add_mapping_locked(self, pages: Range) -> list[tuple[int, Range]]:
+    def _add_mapping_locked(self, pages: Range) -> MemoryPieces:
         """Maps cached ``pages``: counts them mapped and references their memory.
 
         Preconditions: maps_mu is held; data_mu is held; ``pages`` is cached.
@@ -470,7 +367,8 @@ class CachingInode:
             self.cache.counters.mapped_bytes += rng.length
         return memory
 
-    async def _remove_mapping(self, pages: Range, memory: list[tuple[int, Range]]) -> None:
+    async def remove_mapping(self, pages: Range, memory: MemoryPieces) -> None:
+        """Undoes _add_mapping_locked (called by Mapping.release)."""
         for _, mem in memory:
             self.memfile.dec_ref(mem)
         if pages.is_empty:
@@ -700,78 +598,84 @@ class CachingInode:
     async def _writeback_locked(self, *, sync: bool) -> int:
         """Preconditions: writeback_mu is held. Takes attr_mu and data_mu briefly."""
         async with self.attr_mu, self.data_mu.reading():
-            clean = not self.has_dirty
-            if not clean:
-                gen, size, size_dirty, dirty, pieces, valid = self._snapshot_dirty_locked()
-        if clean:
+            snapshot = self._snapshot_dirty_locked() if self.has_dirty else None
+        if snapshot is None:
             if sync and self.origin.capabilities.durable_sync:
                 await self._sync_origin()
             return 0
         try:
-            if self._buffered:
-                changed = _union(dirty, Range(valid, size) if valid < size else None)
-                stat = await self.origin.rewrite(
-                    self.path, size, [(r.start, r.end) for r in changed], self._reader(pieces)
-                )
-            else:
-                for rng in dirty:
-                    await self.origin.write_from(self.path, rng.start, self._views(pieces, rng))
-                if size_dirty:
-                    await self.origin.set_size(self.path, size)
-                if self.origin.capabilities.durable_sync:
-                    await self.origin.sync(self.path)
-                stat = await self.origin.stat(self.path)
+            stat = await self._write_snapshot(snapshot)
         except OriginError as exc:
             self.cache.counters.writeback_errors += 1
             self.last_error = exc
             log.warning("write-back of %s failed, data kept dirty: %s", self.path, exc)
             raise
         finally:
-            for _, mem in pieces:
-                self.memfile.dec_ref(mem)
-        written = sum(r.length for r in dirty)
+            snapshot.release()
         async with self.attr_mu, self.maps_mu, self.data_mu.writing():
-            before = self.dirty.total_length
-            for rng, info in list(self.dirty):
-                if info.gen <= gen:
-                    self.dirty.remove(rng)
-            self.cache.counters.dirty_bytes -= before - self.dirty.total_length
-            if not self.dirty:
-                self.dirty_since = None
-            if self._size_dirty_gen is not None and self._size_dirty_gen <= gen:
-                self._size_dirty_gen = None
-            if self._buffered:
-                low = self._truncated_to
-                self._origin_valid = size if low is None else min(size, low)
-            self._origin_etag = stat.etag
-            self.last_error = None
-            for rng in dirty:
-                for seg, _ in self.cache_set.segments(page_range(rng.start, rng.end)):
-                    self._mark_evictable_locked(seg)
+            self._written_back_locked(snapshot, stat)
+        written = sum(r.length for r in snapshot.dirty)
         self.cache.counters.writeback_bytes += written
         return written
 
-    def _snapshot_dirty_locked(
-        self,
-    ) -> tuple[int, int, bool, list[Range], list[tuple[int, Range]], int]:
-        """What a write-back must write: (write generation, size, size dirty,
-        dirty ranges, referenced memory pieces, origin valid end).
+    def _snapshot_dirty_locked(self) -> DirtySnapshot:
+        """Snapshots what a write-back must write, referencing its memory.
 
-        Takes a MemoryFile reference on every piece; the caller drops them.
         Preconditions: attr_mu is held; data_mu is held.
         """
         size = self.attr.size
         dirty = [r.intersect(Range(0, size)) for r, _ in self.dirty]
         dirty = [r for r in dirty if not r.is_empty]
-        pieces: list[tuple[int, Range]] = []
+        pieces: MemoryPieces = []
         # Several dirty ranges may share a page: reference each page once.
-        for pages in _union([page_range(r.start, r.end) for r in dirty], None):
+        for pages in union_ranges(page_range(r.start, r.end) for r in dirty):
             for file_off, mem in self._memory_pieces_locked(pages):
                 self.memfile.inc_ref(mem)
                 pieces.append((file_off, mem))
         self._truncated_to = None
-        snapshot = (self._write_gen, size, self._size_dirty_gen is not None, dirty, pieces)
-        return (*snapshot, self._origin_valid)
+        return DirtySnapshot(
+            self.memfile, self._write_gen, size, self._size_dirty_gen is not None, dirty,
+            pieces, self._origin_valid,
+        )  # fmt: skip
+
+    async def _write_snapshot(self, snapshot: DirtySnapshot) -> OriginStat:
+        """Writes a snapshot to the origin and makes it durable; no lock held."""
+        if self._buffered:
+            changed = [(r.start, r.end) for r in snapshot.changed()]
+            return await self.origin.rewrite(
+                self.path, snapshot.size, changed, snapshot.read_changed
+            )
+        for rng in snapshot.dirty:
+            await self.origin.write_from(self.path, rng.start, snapshot.views(rng))
+        if snapshot.size_dirty:
+            await self.origin.set_size(self.path, snapshot.size)
+        if self.origin.capabilities.durable_sync:
+            await self.origin.sync(self.path)
+        return await self.origin.stat(self.path)
+
+    def _written_back_locked(self, snapshot: DirtySnapshot, stat: OriginStat) -> None:
+        """Marks clean what the snapshot wrote and nothing written since.
+
+        Preconditions: attr_mu and maps_mu are held; data_mu is held for writing.
+        """
+        before = self.dirty.total_length
+        for rng, info in list(self.dirty):
+            if info.gen <= snapshot.generation:
+                self.dirty.remove(rng)
+        self.cache.counters.dirty_bytes -= before - self.dirty.total_length
+        if not self.dirty:
+            self.dirty_since = None
+        if self._size_dirty_gen is not None and self._size_dirty_gen <= snapshot.generation:
+            self._size_dirty_gen = None
+        if self._buffered:
+            low = self._truncated_to
+            self._origin_valid = snapshot.size if low is None else min(snapshot.size, low)
+        self._origin_etag = stat.etag
+        self.last_error = None
+        # Evicting these pages stopped while they could not be written back.
+        for rng in snapshot.dirty:
+            for seg, _ in self.cache_set.segments(page_range(rng.start, rng.end)):
+                self._mark_evictable_locked(seg)
 
     async def _sync_origin(self) -> None:
         try:
@@ -780,20 +684,6 @@ class CachingInode:
             self.cache.counters.writeback_errors += 1
             self.last_error = exc
             raise
-
-    def _views(self, pieces: list[tuple[int, Range]], rng: Range) -> list[memoryview]:
-        """Views of the bytes of cached file range ``rng`` from snapshot ``pieces``."""
-        out: list[memoryview] = []
-        for file_off, mem in pieces:
-            part = Range(file_off, file_off + mem.length).intersect(rng)
-            if part.is_empty:
-                continue
-            views = self.memfile.map_internal(mem, write=False)
-            out.extend(slice_views(views, part.start - file_off, part.length))
-        return out
-
-    def _reader(self, pieces: list[tuple[int, Range]]) -> _SnapshotReader:
-        return _SnapshotReader(self, pieces)
 
     # --------------------------------------------------------------- eviction
 
@@ -882,46 +772,4 @@ class CachingInode:
             self._adopt_locked(stat)
 
 
-class _SnapshotReader:
-    """Serves ``Origin.rewrite``'s reads of changed ranges from snapshot pages;
-    bytes outside the snapshot (truncated-then-grown regions) are zeros."""
-
-    def __init__(self, inode: CachingInode, pieces: list[tuple[int, Range]]) -> None:
-        self._inode = inode
-        self._pieces = pieces
-
-    async def __call__(self, offset: int, length: int) -> bytes:
-        out = bytearray(length)
-        want = Range(offset, offset + length)
-        for file_off, mem in self._pieces:
-            part = Range(file_off, file_off + mem.length).intersect(want)
-            if part.is_empty:
-                continue
-            views = self._inode._views([(file_off, mem)], part)
-            copy_from_views(views, memoryview(out)[part.start - offset : part.end - offset])
-        return bytes(out)
-
-
-def _subtract(rng: Range, cut: Range) -> list[Range]:
-    """``rng`` minus ``cut``: zero, one or two ranges."""
-    out = []
-    if cut.start > rng.start:
-        out.append(Range(rng.start, min(rng.end, cut.start)))
-    if cut.end < rng.end:
-        out.append(Range(max(rng.start, cut.end), rng.end))
-    return [r for r in out if not r.is_empty]
-
-
-def _union(ranges: Sequence[Range], extra: Range | None) -> list[Range]:
-    """Sorted, merged union of ``ranges`` and ``extra``."""
-    items = sorted([*ranges, *([extra] if extra is not None else [])])
-    merged: list[Range] = []
-    for rng in items:
-        if merged and rng.start <= merged[-1].end:
-            merged[-1] = Range(merged[-1].start, max(merged[-1].end, rng.end))
-        else:
-            merged.append(rng)
-    return merged
-
-
-__all__ = ["CachingInode", "Mapping"]
+__all__ = ["CachingInode"]

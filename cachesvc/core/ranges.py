@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import enum
 from bisect import bisect_left, bisect_right
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 from typing import Final, Generic, NamedTuple, Protocol, TypeVar
@@ -662,3 +662,24 @@ def marker_set() -> RangeSet[None]:
 _MEMORY_OFFSET_POLICY: Final = MemoryOffsetPolicy()
 _DIRTY_POLICY: Final = _DirtyPolicy()
 _MARKER_POLICY: Final = MarkerPolicy()
+
+
+def subtract_range(rng: Range, cut: Range) -> list[Range]:
+    """``rng`` minus ``cut``: zero, one or two non-empty ranges, in order."""
+    out = []
+    if cut.start > rng.start:
+        out.append(Range(rng.start, min(rng.end, cut.start)))
+    if cut.end < rng.end:
+        out.append(Range(max(rng.start, cut.end), rng.end))
+    return [r for r in out if not r.is_empty]
+
+
+def union_ranges(ranges: Iterable[Range]) -> list[Range]:
+    """The sorted union of ``ranges``, with overlapping and adjacent ones merged."""
+    merged: list[Range] = []
+    for rng in sorted(ranges):
+        if merged and rng.start <= merged[-1].end:
+            merged[-1] = Range(merged[-1].start, max(merged[-1].end, rng.end))
+        elif not rng.is_empty:
+            merged.append(rng)
+    return merged

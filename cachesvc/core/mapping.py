@@ -1,0 +1,90 @@
+"""Mapping: cache pages of one file range held outside ``data_mu``.
+
+A response that streams cached bytes, or an operator pin, holds a mapping
+until it is done. The mapping holds a MemoryFile reference on every page it
+covers, so the bytes stay valid and the pages unevicted meanwhile; writes
+to the range made after the mapping was taken may still show through, as
+with a shared memory mapping.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+from cachesvc.core.pages import copy_from_views, page_range
+from cachesvc.core.ranges import Range
+
+if TYPE_CHECKING:
+    from cachesvc.core.memfile import MemoryFile
+
+MemoryPieces = list[tuple[int, Range]]
+"""``(file offset, memory range)`` pieces, in file order."""
+
+
+class MappingOwner(Protocol):
+    """The inode a mapping belongs to."""
+
+    @property
+    def memfile(self) -> MemoryFile: ...
+
+    async def remove_mapping(self, pages: Range, memory: MemoryPieces) -> None: ...
+
+
+class Mapping:
+    """Cached bytes ``[offset, offset+length)`` of one file, held until released."""
+
+    __slots__ = ("_memory", "_owner", "_pages", "_released", "length", "missed", "offset")
+
+    def __init__(
+        self, owner: MappingOwner, pages: Range, memory: MemoryPieces, offset: int, length: int
+    ) -> None:
+        self._owner = owner  # Immutable.
+        self._pages = pages  # page-aligned file range covered. Immutable.
+        self._memory = memory  # pieces covering _pages, each referenced once. Immutable.
+        self.offset = offset  # first mapped byte. Immutable.
+        self.length = length  # number of mapped bytes. Immutable.
+        self.missed = 0  # bytes that had to be filled from the origin for this mapping
+        self._released = False
+
+    def extents(self) -> list[tuple[int, int]]:
+        """``(memory file offset, length)`` pieces holding the mapped bytes, in order."""
+        out: list[tuple[int, int]] = []
+        start, end = self.offset, self.offset + self.length
+        for file_off, mem in self._memory:
+            lo = max(start, file_off)
+            hi = min(end, file_off + mem.length)
+            if lo < hi:
+                out.append((mem.start + lo - file_off, hi - lo))
+        return out
+
+    def views(self) -> list[memoryview]:
+        """Read-only views of the mapped bytes, in order."""
+        memfile = self._owner.memfile
+        out: list[memoryview] = []
+        for mem_off, n in self.extents():
+            mem = page_range(mem_off, mem_off + n)
+            skip = mem_off - mem.start
+            for view in memfile.map_internal(mem, write=False):
+                if skip >= len(view):
+                    skip -= len(view)
+                    continue
+                piece = view[skip : skip + n]
+                out.append(piece)
+                n -= len(piece)
+                skip = 0
+                if n == 0:
+                    break
+        return out
+
+    def tobytes(self) -> bytes:
+        """A copy of the mapped bytes."""
+        out = bytearray(self.length)
+        copy_from_views(self.views(), memoryview(out))
+        return bytes(out)
+
+    async def release(self) -> None:
+        """Gives the pages back; the mapping must not be used afterwards."""
+        if self._released:
+            return
+        self._released = True
+        await self._owner.remove_mapping(self._pages, self._memory)
