@@ -111,6 +111,9 @@ class Transfer:
     def note(self, mapping: Mapping) -> None:
         self.missed = (self.missed or 0) + mapping.missed
 
+    def note_hit(self) -> None:
+        self.missed = self.missed or 0
+
     @property
     def cache_status(self) -> str:
         if self.missed is None:
@@ -182,6 +185,13 @@ async def small_body(
         if isinstance(piece, bytes):
             out[pos : pos + len(piece)] = piece
             pos += len(piece)
+            continue
+        cached = await inode.read_cached(piece.start, piece.length)
+        if cached is not None and len(cached) == piece.length:
+            # Cached: one copy under data_mu, no mapping bookkeeping.
+            transfer.note_hit()
+            out[pos : pos + piece.length] = cached
+            pos += piece.length
             continue
         mapping = await _map_exact(inode, piece, snap)
         try:

@@ -47,6 +47,7 @@ from cachesvc.core.ranges import (
     dirty_set,
     file_range_set,
     ref_count_set,
+    subtract_range,
     union_ranges,
 )
 from cachesvc.core.writeback import DirtySnapshot
@@ -192,12 +193,61 @@ class CachingInode:
     # ------------------------------------------------------------------ reads
 
     async def read(self, offset: int, length: int) -> bytes:
-        """Returns up to ``length`` bytes at ``offset`` (short at end of file)."""
+        """Returns up to ``length`` bytes at ``offset`` (short at end of file).
+
+        A fully cached range is copied out under ``data_mu`` without taking a
+        mapping: nothing awaits while the views are in use, so no page can go
+        away meanwhile. Otherwise the range is filled and mapped first.
+        """
+        data = await self.read_cached(offset, length)
+        if data is not None:
+            return data
         mapping = await self.map_range(offset, length)
         try:
             return mapping.tobytes()
         finally:
             await mapping.release()
+
+    async def read_cached(self, offset: int, length: int) -> bytes | None:
+        """The bytes of ``[offset, offset+length)`` if all of it is cached
+        (counted as a hit), else None and nothing counted."""
+        if offset < 0 or length < 0:
+            raise ValueError(f"bad range offset={offset} length={length}")
+        await self.data_mu.acquire_read()
+        try:
+            data = self._copy_cached_locked(offset, length)
+        finally:
+            self.data_mu.release_read()
+        if data is not None:
+            self._note_access(offset, length)
+        return data
+
+    def _copy_cached_locked(self, offset: int, length: int) -> bytes | None:
+        """A copy of ``[offset, offset+length)`` clipped to the size, counted as
+        a hit, or None (nothing counted) if any of it is not cached.
+
+        Preconditions: data_mu is held (for reading suffices).
+        """
+        end = min(offset + length, self.attr.size)
+        if offset >= end:
+            return b""
+        want = Range(offset, end)
+        views: list[memoryview] = []
+        pos = offset
+        for seg, mem in self.cache_set.segments(want):
+            if seg.start > pos:
+                return None
+            part = seg.intersect(want)
+            mem_start = mem + part.start - seg.start
+            pages = page_range(mem_start, mem_start + part.length)
+            views += slice_views(
+                self.memfile.map_internal(pages, False), mem_start - pages.start, part.length
+            )
+            pos = part.end
+        if pos < end:
+            return None
+        self.cache.counters.hit_bytes += end - offset
+        return b"".join(views)
 
     async def map_range(self, offset: int, length: int) -> Mapping:
         """Caches ``[offset, offset+length)`` (clipped to the size) and maps it.
@@ -544,7 +594,7 @@ class CachingInode:
         dropped = 0
         for seg, mem in self.cache_set.segments(rng):
             part = seg.intersect(rng)
-            pieces = [part] if dirty_too else self.dirty.gaps(part)
+            pieces = [part] if dirty_too else self._clean_pages_locked(part)
             for piece in pieces:
                 mem_start = mem + piece.start - seg.start
                 self.cache_set.remove(piece)
@@ -554,6 +604,17 @@ class CachingInode:
         if dirty_too:
             self._clear_dirty_locked(rng)
         return dropped
+
+    def _clean_pages_locked(self, pages: Range) -> list[Range]:
+        """The parts of page-aligned ``pages`` whose pages hold no dirty byte.
+
+        Preconditions: data_mu is held.
+        """
+        clean = [pages]
+        for rng, _ in self.dirty.segments(pages):
+            dirty_pages = page_range(rng.start, rng.end)
+            clean = [p for piece in clean for p in subtract_range(piece, dirty_pages)]
+        return clean
 
     def _clear_dirty_locked(self, rng: Range) -> None:
         """Preconditions: data_mu is held for writing."""
