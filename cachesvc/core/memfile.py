@@ -19,9 +19,8 @@ the page read as zeros; only then is the page removed from ``usage`` and
 ``min_unallocated`` lowered.
 
 Users register *evictable* ranges in their own offset space;
-``start_evictions`` asks each user to evict them, one task per user, without
-holding any MemoryFile state across the call (users must tolerate ranges
-that were marked unevictable meanwhile).
+``start_evictions`` asks each user to evict them (see
+:mod:`cachesvc.core.evictable`).
 
 Committed memory is measured on the host, never guessed: ``update_usage``
 reads the file's allocated blocks with fstat and, unless that total already
@@ -33,11 +32,12 @@ is atomic, so the allocator state needs no lock: fields marked "Protected by
 the event loop" are read and changed only on the loop thread, and no method
 awaits while one of their invariants is broken (it decides and updates state
 first, then awaits I/O). Blocking syscalls (ftruncate, mmap, fallocate,
-fstat, mincore) run on the MemoryFile's own worker threads; they get
-everything they need as arguments (fd, addresses, ranges), never touch the
-state, and their results are applied on the loop afterwards, re-checked
-against whatever changed meanwhile. The one lock serializes growing the
-file and creating chunk mappings, which spans awaits:
+fstat, mincore; see :mod:`cachesvc.core.hostmem`) run on the MemoryFile's
+own worker threads; they get everything they need as arguments (fd,
+addresses, ranges), never touch the state, and their results are applied on
+the loop afterwards, re-checked against whatever changed meanwhile. The one
+lock serializes growing the file and creating chunk mappings, which spans
+awaits:
 
 Lock order:
     MemoryFile.map_mu
@@ -51,52 +51,46 @@ to unmap once its last view is gone.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import enum
 import logging
 import math
-import mmap
 import os
-import re
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import NamedTuple, ParamSpec, Protocol, TypeVar
+from typing import NamedTuple, ParamSpec, TypeVar
 
+from cachesvc.core.evictable import EvictableUser as EvictableUser
+from cachesvc.core.evictable import Evictions
+from cachesvc.core.hostmem import (
+    CHUNK_SHIFT,
+    ChunkMappings,
+    allocated_bytes,
+    map_chunks,
+    open_backing,
+    punch_hole,
+    resident_runs,
+    zero,
+)
+from cachesvc.core.hostmem import CHUNK_SIZE as CHUNK_SIZE
+from cachesvc.core.hostmem import HUGE_PAGE_SIZE as HUGE_PAGE_SIZE
+from cachesvc.core.hostmem import PAGE_SIZE as PAGE_SIZE
 from cachesvc.core.locks import OrderedLock
 from cachesvc.core.ranges import Range, RangeSet, marker_set
 
+# The "X as X" imports above are re-exports: EvictableUser and the page
+# geometry (PAGE_SIZE, HUGE_PAGE_SIZE, CHUNK_SIZE) are part of MemoryFile's
+# interface.
+
 logger = logging.getLogger("cachesvc.memfile")
 
-PAGE_SIZE = 4096
-HUGE_PAGE_SIZE = 2 << 20
-CHUNK_SIZE = 64 << 20
-
 _PAGE_MASK = PAGE_SIZE - 1
-_CHUNK_SHIFT = CHUNK_SIZE.bit_length() - 1
 # Allocations never end beyond this offset when no max_size is given.
 _NO_LIMIT = 1 << 62
 # With unexplained committed bytes (swapped or not in a known segment),
 # update_usage rescans at most this often (seconds), as the reference does.
 _RESCAN_INTERVAL = 1.0
 _WORKER_THREADS = 4
-
-# fallocate(2) modes, from Linux's include/uapi/linux/falloc.h.
-_FALLOC_FL_KEEP_SIZE = 1
-_FALLOC_FL_PUNCH_HOLE = 2
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_fallocate = _libc.fallocate64
-_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_fallocate.restype = ctypes.c_int
-_mincore = _libc.mincore
-_mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-_mincore.restype = ctypes.c_int
-
-# mincore reports residency in bit 0 of each byte; the rest is reserved.
-_RESIDENT_BIT = bytes(i & 1 for i in range(256))
-_RESIDENT_RUN = re.compile(b"\x01+")
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -115,17 +109,6 @@ class MemoryFileError(Exception):
 
 class MemoryFileFull(MemoryFileError):
     """The backing file cannot grow to hold the allocation (max_size)."""
-
-
-class EvictableUser(Protocol):
-    """A user of MemoryFile memory that can be asked to give some of it back."""
-
-    async def evict(self, rng: Range) -> None:
-        """Drops the memory behind ``rng``, a range in the user's own offset space.
-
-        May find ``rng`` (or part of it) unevictable by now and must then leave
-        that part alone. Must not mark ``rng`` evictable again from here.
-        """
 
 
 class UsageInfo(NamedTuple):
@@ -148,89 +131,6 @@ class _UsagePolicy:
         return value, value
 
 
-@dataclass(slots=True)
-class _UserEvictable:
-    """Eviction state of one user. Protected by the event loop."""
-
-    ranges: RangeSet[None]  # evictable ranges, in the user's offset space
-    evicting: bool = False  # an eviction task is running for this user
-
-
-# --------------------------------------------------------------- worker side
-# These run on worker threads and touch nothing but their arguments.
-
-
-def _open_backing(path: str | None) -> int:
-    if path is None:
-        fd = os.memfd_create("cachesvc", os.MFD_CLOEXEC)
-    else:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        # Truncate to 0 first so that no stale contents survive.
-        os.ftruncate(fd, 0)
-        os.ftruncate(fd, CHUNK_SIZE)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _map_chunks(fd: int, indices: list[int]) -> list[tuple[int, mmap.mmap, int]]:
-    """Maps the given chunks; returns (index, mapping, address) for each."""
-    done: list[tuple[int, mmap.mmap, int]] = []
-    try:
-        for index in indices:
-            mapping = mmap.mmap(
-                fd,
-                CHUNK_SIZE,
-                flags=mmap.MAP_SHARED,
-                prot=mmap.PROT_READ | mmap.PROT_WRITE,
-                offset=index << _CHUNK_SHIFT,
-            )
-            # The address is stable while the mapping lives; the ctypes
-            # object pins an export only until it is dropped here.
-            anchor = ctypes.c_char.from_buffer(mapping)
-            address = ctypes.addressof(anchor)
-            del anchor
-            done.append((index, mapping, address))
-    except BaseException:
-        for _, mapping, _ in done:
-            mapping.close()
-        raise
-    return done
-
-
-def _punch_hole(fd: int, start: int, length: int) -> None:
-    mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
-    if _fallocate(fd, mode, start, length) != 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, f"fallocate(PUNCH_HOLE, {start:#x}, {length:#x})", os.strerror(errno))
-
-
-def _zero(pieces: list[tuple[int, int, int]]) -> None:
-    for _, address, length in pieces:
-        ctypes.memset(address, 0, length)
-
-
-def _allocated_bytes(fd: int) -> int:
-    # st_blocks is in 512-byte units and counts swapped pages too.
-    return os.fstat(fd).st_blocks * 512
-
-
-def _resident_runs(pieces: list[tuple[int, int, int]]) -> list[Range]:
-    """For (file offset, address, length) pieces, the file ranges that are resident."""
-    runs: list[Range] = []
-    for offset, address, length in pieces:
-        vec = (ctypes.c_ubyte * (length // PAGE_SIZE))()
-        if _mincore(address, length, vec) != 0:
-            errno = ctypes.get_errno()
-            raise OSError(errno, f"mincore({address:#x}, {length:#x})", os.strerror(errno))
-        flags = bytes(vec).translate(_RESIDENT_BIT)
-        for run in _RESIDENT_RUN.finditer(flags):
-            runs.append(Range(offset + run.start() * PAGE_SIZE, offset + run.end() * PAGE_SIZE))
-    return runs
-
-
 # ---------------------------------------------------------------- MemoryFile
 
 
@@ -244,7 +144,7 @@ class MemoryFile:
         it is rounded down to a whole chunk."""
         if max_size is not None and max_size < CHUNK_SIZE:
             raise MemoryFileError(f"max_size {max_size} is below the chunk size {CHUNK_SIZE}")
-        fd = await asyncio.to_thread(_open_backing, path)
+        fd = await asyncio.to_thread(open_backing, path)
         self = cls(fd, max_size=max_size)
         self._reclaimer = asyncio.create_task(self._reclaim_loop(), name="memfile reclaimer")
         return self
@@ -259,14 +159,9 @@ class MemoryFile:
         self._map_mu = OrderedLock("MemoryFile.map_mu", 1, self)
         # Size the file has actually been extended to. Protected by map_mu.
         self._mapped_size = CHUNK_SIZE
-        # Per chunk below mapped_size: its mapping, address (0: unmapped) and
-        # writable and read-only views of it (None: unmapped). The lists only
-        # grow and an entry is set at most once, so readers need no lock;
-        # changing them requires map_mu.
-        self._maps: list[mmap.mmap | None] = [None]
-        self._addresses: list[int] = [0]
-        self._rw_views: list[memoryview | None] = [None]
-        self._ro_views: list[memoryview | None] = [None]
+        # The chunks below mapped_size. Reading needs no lock; changing them
+        # requires map_mu.
+        self._chunks = ChunkMappings()
 
         # Allocated and reclaimable pages. Kept maximally merged. Protected by
         # the event loop.
@@ -296,11 +191,8 @@ class MemoryFile:
         self._decommit_gen = 0
         self._reclaimed_total = 0  # Protected by the event loop.
 
-        # Evictable ranges by user, and their total length. Protected by the event loop.
-        self._evictable: dict[EvictableUser, _UserEvictable] = {}
-        self._evictable_bytes = 0
-        # Running eviction tasks (strong references). Protected by the event loop.
-        self._eviction_tasks: set[asyncio.Task[None]] = set()
+        # Evictable ranges by user and the eviction tasks. Protected by the event loop.
+        self._evictions = Evictions()
 
         # Wakes the reclaimer; set when pages become reclaimable or on close.
         self._reclaim_wake = asyncio.Event()
@@ -352,7 +244,7 @@ class MemoryFile:
     @property
     def evictable_bytes(self) -> int:
         """Total length of all users' evictable ranges."""
-        return self._evictable_bytes
+        return self._evictions.evictable_bytes
 
     def usage_segments(self) -> list[tuple[Range, UsageInfo]]:
         """A copy of ``usage``, for tests and diagnostics."""
@@ -409,10 +301,9 @@ class MemoryFile:
 
     async def _ensure_mapped(self, rng: Range) -> None:
         """Extends the file and maps the chunks covering ``rng`` as needed."""
-        first = rng.start >> _CHUNK_SHIFT
-        last = (rng.end - 1) >> _CHUNK_SHIFT
-        views = self._rw_views
-        if last < len(views) and all(views[i] is not None for i in range(first, last + 1)):
+        first = rng.start >> CHUNK_SHIFT
+        last = (rng.end - 1) >> CHUNK_SHIFT
+        if self._chunks.covers(first, last):
             return
         async with self._map_mu:
             self._check_open("allocate")
@@ -420,20 +311,11 @@ class MemoryFile:
             if self._mapped_size < size:
                 await self._run(os.ftruncate, self._fd, size)
                 self._mapped_size = size
-                missing_chunks = (size >> _CHUNK_SHIFT) - len(self._maps)
-                self._maps.extend([None] * missing_chunks)
-                self._addresses.extend([0] * missing_chunks)
-                self._rw_views.extend([None] * missing_chunks)
-                self._ro_views.extend([None] * missing_chunks)
-            missing = [i for i in range(first, last + 1) if self._maps[i] is None]
+                self._chunks.extend(size >> CHUNK_SHIFT)
+            missing = self._chunks.missing(first, last)
             if not missing:
                 return
-            for index, mapping, address in await self._run(_map_chunks, self._fd, missing):
-                view = memoryview(mapping)
-                self._maps[index] = mapping
-                self._addresses[index] = address
-                self._rw_views[index] = view
-                self._ro_views[index] = view.toreadonly()
+            self._chunks.install(await self._run(map_chunks, self._fd, missing))
 
     async def allocate_and_fill(
         self,
@@ -531,44 +413,10 @@ class MemoryFile:
             raise MemoryFileError(f"map_internal: invalid range {rng}")
         if start == end:
             return []
-        chunk_views = self._rw_views if write else self._ro_views
-        first = start >> _CHUNK_SHIFT
-        last = (end - 1) >> _CHUNK_SHIFT
-        if last < len(chunk_views):
-            if first == last:
-                view = chunk_views[first]
-                if view is not None:
-                    base = first << _CHUNK_SHIFT
-                    return [view[start - base : end - base]]
-            else:
-                out: list[memoryview] = []
-                for index in range(first, last + 1):
-                    view = chunk_views[index]
-                    if view is None:
-                        break
-                    base = index << _CHUNK_SHIFT
-                    out.append(view[max(start - base, 0) : min(end - base, CHUNK_SIZE)])
-                else:
-                    return out
+        views = self._chunks.views(rng, write)
+        if views is not None:
+            return views
         raise MemoryFileError(f"map_internal({rng}): memory is not mapped")
-
-    def _address_pieces(self, rng: Range) -> list[tuple[int, int, int]]:
-        """(file offset, address, length) pieces of ``rng``, one per chunk.
-
-        Chunks not mapped (yet) are left out: nothing has written to them, so
-        their pages are uncommitted and read as zeros.
-        """
-        pieces = []
-        addresses = self._addresses
-        offset = rng.start
-        while offset < rng.end:
-            index = offset >> _CHUNK_SHIFT
-            base = index << _CHUNK_SHIFT
-            length = min(rng.end, base + CHUNK_SIZE) - offset
-            if index < len(addresses) and addresses[index]:
-                pieces.append((offset, addresses[index] + offset - base, length))
-            offset += length
-        return pieces
 
     # ------------------------------------------------- decommit and reclaim
 
@@ -584,7 +432,7 @@ class MemoryFile:
 
     async def _punch_and_mark(self, rng: Range) -> None:
         try:
-            await self._run(_punch_hole, self._fd, rng.start, rng.length)
+            await self._run(punch_hole, self._fd, rng.start, rng.length)
         except OSError as exc:
             raise MemoryFileError(f"decommit({rng}): {exc}") from exc
         self._mark_decommitted(rng)
@@ -628,13 +476,13 @@ class MemoryFile:
                 # rng stays in usage with refs == 0 while the hole is punched:
                 # no call can allocate, reference or decommit it meanwhile.
                 try:
-                    await self._run(_punch_hole, self._fd, rng.start, rng.length)
+                    await self._run(punch_hole, self._fd, rng.start, rng.length)
                     punched = True
                 except OSError as exc:
                     # The memory stays committed, but the pages must read as
                     # zeros when allocated again.
                     logger.warning("reclaim: %s; zeroing %s instead", exc, rng)
-                    await self._run(_zero, self._address_pieces(rng))
+                    await self._run(zero, self._chunks.address_pieces(rng))
                     punched = False
                 self._mark_decommitted(rng)
                 self._mark_reclaimed(rng)
@@ -669,7 +517,7 @@ class MemoryFile:
         for _ in range(3):
             self._check_open("update_usage")
             gen = self._decommit_gen
-            total = await self._run(_allocated_bytes, self._fd)
+            total = await self._run(allocated_bytes, self._fd)
             self._total_committed = total
             if total == self._known_committed + self._unexplained and (
                 self._unexplained == 0 or time.monotonic() < self._last_scan + _RESCAN_INTERVAL
@@ -680,9 +528,9 @@ class MemoryFile:
                 piece
                 for seg, info in self._usage
                 if info.refs and not info.known_committed
-                for piece in self._address_pieces(seg)
+                for piece in self._chunks.address_pieces(seg)
             ]
-            runs = await self._run(_resident_runs, pieces) if pieces else []
+            runs = await self._run(resident_runs, pieces) if pieces else []
             if gen == self._decommit_gen:
                 # No hole was punched during the scan, so every page it found
                 # resident is still committed.
@@ -710,82 +558,29 @@ class MemoryFile:
         # Follows MemoryFile.MarkEvictable in the reference design.
         if rng.start > rng.end:
             raise MemoryFileError(f"mark_evictable: invalid range {rng}")
-        if rng.is_empty:
-            return
-        info = self._evictable.get(user)
-        if info is None:
-            info = self._evictable[user] = _UserEvictable(marker_set())
-        before = info.ranges.total_length
-        for gap in info.ranges.gaps(rng):
-            info.ranges.insert(gap, None)
-        self._evictable_bytes += info.ranges.total_length - before
+        self._evictions.mark_evictable(user, rng)
 
     def mark_unevictable(self, user: EvictableUser, rng: Range) -> None:
         """Stops ``user.evict`` from being called on ``rng`` from now on (a call
         already under way may still cover it)."""
-        info = self._evictable.get(user)
-        if info is None or rng.is_empty:
-            return
-        removed = info.ranges.remove(rng)
-        self._evictable_bytes -= sum(piece.length for piece, _ in removed)
-        self._forget_if_idle(user, info)
+        self._evictions.mark_unevictable(user, rng)
 
     def mark_all_unevictable(self, user: EvictableUser) -> None:
         """``mark_unevictable`` over all of ``user``'s offsets."""
-        info = self._evictable.get(user)
-        if info is None:
-            return
-        self._evictable_bytes -= info.ranges.total_length
-        info.ranges.clear()
-        self._forget_if_idle(user, info)
-
-    def _forget_if_idle(self, user: EvictableUser, info: _UserEvictable) -> None:
-        # Only a user's eviction task may remove the entry while it runs.
-        if not info.evicting and not info.ranges:
-            del self._evictable[user]
+        self._evictions.mark_all_unevictable(user)
 
     def evictable_ranges(self, user: EvictableUser) -> list[Range]:
         """``user``'s evictable ranges, ascending."""
-        info = self._evictable.get(user)
-        return [] if info is None else [rng for rng, _ in info.ranges]
+        return self._evictions.ranges(user)
 
     def start_evictions(self) -> None:
         """Starts evicting everything evictable: one task per user, unless one
         is already running for it. Does not wait (see wait_for_evictions)."""
-        # Follows MemoryFile.startEvictionsLocked in the reference design.
-        if self._closed:
-            return
-        for user, info in self._evictable.items():
-            if not info.evicting and info.ranges:
-                info.evicting = True
-                task = asyncio.create_task(self._evict_user(user, info), name="memfile eviction")
-                self._eviction_tasks.add(task)
-                task.add_done_callback(self._eviction_tasks.discard)
-
-    async def _evict_user(self, user: EvictableUser, info: _UserEvictable) -> None:
-        """Evicts ``user``'s ranges, lowest first, until none is left."""
-        try:
-            while not self._closed:
-                first = next(iter(info.ranges), None)
-                if first is None:
-                    break
-                rng = first[0]
-                info.ranges.remove(rng)
-                self._evictable_bytes -= rng.length
-                # Nothing of ours is held across the call: the user may mark
-                # ranges (un)evictable meanwhile, including this one.
-                try:
-                    await user.evict(rng)
-                except Exception:
-                    logger.exception("eviction of %s by %r failed", rng, user)
-        finally:
-            info.evicting = False
-            self._forget_if_idle(user, info)
+        self._evictions.start()
 
     async def wait_for_evictions(self) -> None:
         """Waits until no eviction task is running."""
-        while self._eviction_tasks:
-            await asyncio.wait(set(self._eviction_tasks))
+        await self._evictions.wait()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -799,10 +594,7 @@ class MemoryFile:
         if self._closed:
             return
         self._closed = True
-        evictions = list(self._eviction_tasks)
-        for task in evictions:
-            task.cancel()
-        await asyncio.gather(*evictions, return_exceptions=True)
+        await self._evictions.close()
         self._reclaim_wake.set()
         if self._reclaimer is not None:
             (outcome,) = await asyncio.gather(self._reclaimer, return_exceptions=True)
@@ -814,20 +606,7 @@ class MemoryFile:
             # Waits for work still running on the worker threads (a decommit
             # or update_usage) before the mappings and the fd go away.
             await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
-            for views in (self._rw_views, self._ro_views):
-                for view in views:
-                    if view is not None:
-                        view.release()
-                views.clear()
-            self._addresses.clear()
-            for index, mapping in enumerate(self._maps):
-                if mapping is None:
-                    continue
-                try:
-                    mapping.close()
-                except BufferError:
-                    logger.warning("chunk %d still has exported views; leaving it mapped", index)
-            self._maps.clear()
+            self._chunks.close()
             os.close(self._fd)
 
     def _check_open(self, op: str) -> None:
@@ -849,7 +628,7 @@ class MemoryFile:
         return {
             "file_size": self._file_size,
             "usage_segments": len(self._usage),
-            "mapped_chunks": len(self._maps) - self._maps.count(None),
+            "mapped_chunks": self._chunks.mapped_count,
             "allocated_page_cache_bytes": self._allocated[MemoryKind.PAGE_CACHE],
             "allocated_system_bytes": self._allocated[MemoryKind.SYSTEM],
             "reclaimable_bytes": self.reclaimable_bytes,
@@ -857,9 +636,9 @@ class MemoryFile:
             "committed_page_cache_bytes": self.committed_bytes(MemoryKind.PAGE_CACHE),
             "committed_system_bytes": self.committed_bytes(MemoryKind.SYSTEM),
             "total_committed_bytes": self._total_committed,
-            "evictable_bytes": self._evictable_bytes,
-            "evictable_users": len(self._evictable),
-            "eviction_tasks": len(self._eviction_tasks),
+            "evictable_bytes": self._evictions.evictable_bytes,
+            "evictable_users": self._evictions.user_count,
+            "eviction_tasks": self._evictions.task_count,
         }
 
     def __repr__(self) -> str:
@@ -867,7 +646,7 @@ class MemoryFile:
         allocated = ", ".join(f"{k.value}={v}" for k, v in self._allocated.items())
         return (
             f"<MemoryFile {state} size={self._file_size} allocated({allocated})"
-            f" reclaimable={self.reclaimable_bytes} evictable={self._evictable_bytes}"
+            f" reclaimable={self.reclaimable_bytes} evictable={self.evictable_bytes}"
             f" segments={len(self._usage)} min_unallocated={self._min_unallocated:#x}>"
         )
 
@@ -877,7 +656,7 @@ class MemoryFile:
         self._reclaimable.check_invariants(require_merged=True)
         size = self._file_size
         assert size % CHUNK_SIZE == 0, f"file size {size} is not a whole number of chunks"
-        chunks = size >> _CHUNK_SHIFT
+        chunks = size >> CHUNK_SHIFT
         assert size == self._limit or chunks & (chunks - 1) == 0, f"file size {size}"
         allocated = dict.fromkeys(MemoryKind, 0)
         committed = dict.fromkeys(MemoryKind, 0)
@@ -901,14 +680,7 @@ class MemoryFile:
         assert first_free >= self._min_unallocated, (
             f"page {first_free:#x} is free below min_unallocated {self._min_unallocated:#x}"
         )
-        evictable = 0
-        for user, entry in self._evictable.items():
-            entry.ranges.check_invariants(require_merged=True)
-            assert entry.ranges or entry.evicting, f"idle empty evictable entry for {user!r}"
-            evictable += entry.ranges.total_length
-        assert evictable == self._evictable_bytes, (
-            f"evictable {self._evictable_bytes} != {evictable}"
-        )
+        self._evictions.check_invariants()
 
 
 def _add_ref(seg: Range, info: UsageInfo) -> UsageInfo:

@@ -43,19 +43,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import datetime
-import email.utils
 import functools
 import json
 import logging
-import re
 import urllib.parse
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import aiohttp
-from multidict import CIMultiDictProxy
 from yarl import URL
 
 from cachesvc.origins.base import (
@@ -64,13 +59,22 @@ from cachesvc.origins.base import (
     DirEntry,
     OriginConflict,
     OriginError,
-    OriginNoSpace,
     OriginNotFound,
     OriginPermissionDenied,
     OriginStat,
-    OriginTimeout,
     OriginUnavailable,
     OriginUnsupported,
+)
+from cachesvc.origins.http_parse import (
+    TRANSIENT,
+    TransientTimeout,
+    TransientUnavailable,
+    Validator,
+    content_range,
+    parse_listing,
+    stat_from,
+    status_error,
+    unsatisfied_size,
 )
 
 logger = logging.getLogger(__name__)
@@ -82,68 +86,10 @@ READ_ONLY_MESSAGE = (
     "if it accepts partial PUT"
 )
 
-_CONTENT_RANGE = re.compile(r"bytes ([0-9]+)-([0-9]+)/([0-9]+|\*)", re.ASCII | re.IGNORECASE)
-_UNSATISFIED_RANGE = re.compile(r"bytes \*/([0-9]+)", re.ASCII | re.IGNORECASE)
 _BACKOFF_BASE = 0.05  # seconds before the first retry; multiplied by 4 per attempt
-_ERROR_BODY_LIMIT = 1024  # bytes of an error body kept for the message
 _LISTING_LIMIT = 64 << 20  # a directory listing larger than this is refused
 _STREAM_PIECE = 1 << 20  # bytes per chunk when rewrite() streams a new object
 _ALLOCATE_ATTEMPTS = 3
-
-
-class _TransientUnavailable(OriginUnavailable):
-    """An OriginUnavailable that an idempotent request may retry."""
-
-
-class _TransientTimeout(OriginTimeout):
-    """An OriginTimeout that an idempotent request may retry."""
-
-
-_TRANSIENT = (_TransientUnavailable, _TransientTimeout)
-
-
-@dataclass(frozen=True, slots=True)
-class _Validator:
-    """What a version token pins a request to. Immutable."""
-
-    etag: str | None  # strong ETag, sent as If-Match
-    last_modified: str | None  # HTTP-date, sent as If-Unmodified-Since
-    size: int | None  # the complete length the object must have
-
-    @classmethod
-    def parse(cls, token: str) -> _Validator:
-        if token.startswith('"'):
-            return cls(token, None, None)
-        kind, _, rest = token.partition(":")
-        if kind == "lm":
-            size, _, date = rest.partition(":")
-            if size.isdigit() and date:
-                return cls(None, date, int(size))
-        elif kind == "size" and rest.isdigit():
-            return cls(None, None, int(rest))
-        raise ValueError(f"not a version token of the HTTP origin: {token!r}")
-
-    def headers(self) -> dict[str, str]:
-        if self.etag is not None:
-            return {"If-Match": self.etag}
-        if self.last_modified is not None:
-            return {"If-Unmodified-Since": self.last_modified}
-        return {}
-
-    def check(self, headers: CIMultiDictProxy[str], complete: int | None, what: str) -> None:
-        """OriginConflict unless an answer's validators agree with this token."""
-        etag = headers.get("ETag")
-        if self.etag is not None and etag is not None and etag != self.etag:
-            raise OriginConflict(f"{what}: ETag is now {etag}, expected {self.etag}")
-        modified = headers.get("Last-Modified")
-        if (
-            self.last_modified is not None
-            and modified is not None
-            and _parse_http_date(modified) != _parse_http_date(self.last_modified)
-        ):
-            raise OriginConflict(f"{what}: Last-Modified is now {modified}")
-        if self.size is not None and complete is not None and complete != self.size:
-            raise OriginConflict(f"{what}: size is now {complete}, expected {self.size}")
 
 
 class _Sink:
@@ -170,78 +116,6 @@ class _Sink:
             if self._pos == len(buf):
                 self._index += 1
                 self._pos = 0
-
-
-def _parse_http_date(value: str) -> float | None:
-    """Seconds since the epoch of an HTTP-date, or None if it is not one."""
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=datetime.UTC)
-    return when.timestamp()
-
-
-def _is_strong_etag(etag: str) -> bool:
-    return len(etag) >= 2 and etag.startswith('"') and etag.endswith('"')
-
-
-def _stat_from(headers: CIMultiDictProxy[str], size: int) -> OriginStat:
-    """The stat (and version token) that a file's response headers describe."""
-    etag = headers.get("ETag")
-    modified = headers.get("Last-Modified")
-    mtime = _parse_http_date(modified) if modified is not None else None
-    if etag is not None and _is_strong_etag(etag):
-        token = etag
-    elif modified is not None and mtime is not None:
-        token = f"lm:{size}:{modified}"
-    else:
-        token = f"size:{size}"
-    return OriginStat(size=size, mtime=mtime or 0.0, etag=token)
-
-
-def _content_range(resp: aiohttp.ClientResponse, what: str) -> tuple[int, int, int | None]:
-    """``(first, last, complete)`` of a 206's single ``Content-Range`` (inclusive)."""
-    values = resp.headers.getall("Content-Range", [])
-    match = _CONTENT_RANGE.fullmatch(values[0].strip()) if len(values) == 1 else None
-    if match is None:
-        raise OriginUnavailable(f"{what}: 206 with bad or missing Content-Range {values!r}")
-    first, last, complete = match.groups()
-    total = None if complete == "*" else int(complete)
-    if int(last) < int(first) or (total is not None and int(last) >= total):
-        raise OriginUnavailable(f"{what}: 206 with impossible Content-Range {values[0]!r}")
-    return int(first), int(last), total
-
-
-def _unsatisfied_size(resp: aiohttp.ClientResponse) -> int | None:
-    """The complete length a 416's ``Content-Range: bytes */N`` states, if any."""
-    match = _UNSATISFIED_RANGE.fullmatch(resp.headers.get("Content-Range", "").strip())
-    return int(match.group(1)) if match else None
-
-
-def _parse_listing(data: object, what: str) -> list[DirEntry]:
-    """Entries of an nginx ``autoindex_format json`` listing (cachesvc uses the same form)."""
-    if not isinstance(data, list):
-        raise OriginUnavailable(f"{what}: listing is not a JSON list")
-    entries = []
-    for item in data:
-        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
-            raise OriginUnavailable(f"{what}: malformed listing entry {item!r}")
-        name, kind = item["name"], item.get("type")
-        if kind not in ("file", "directory"):
-            continue  # sockets, devices, dangling links: nothing to serve
-        if name in ("", ".", "..") or "/" in name or "\0" in name:
-            raise OriginUnavailable(f"{what}: listing entry with invalid name {name!r}")
-        size = item.get("size", 0) if kind == "file" else 0
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise OriginUnavailable(f"{what}: listing entry {name!r} with bad size {size!r}")
-        mtime = item.get("mtime")
-        seconds = _parse_http_date(mtime) if isinstance(mtime, str) else None
-        if mtime is not None and seconds is None:
-            raise OriginUnavailable(f"{what}: listing entry {name!r} with bad mtime {mtime!r}")
-        entries.append(DirEntry(name, kind == "directory", size, seconds or 0.0))
-    return entries
 
 
 class HttpOrigin:
@@ -312,16 +186,16 @@ class HttpOrigin:
     async def _stat_once(self, url: URL, path: str) -> OriginStat:
         async with self._exchange("HEAD", url) as resp:
             if resp.status == 200 and resp.content_length is not None:
-                return _stat_from(resp.headers, resp.content_length)
+                return stat_from(resp.headers, resp.content_length)
             if 300 <= resp.status < 400 and resp.headers.get("Location", "").endswith("/"):
                 raise OriginNotFound(f"{path!r} is a directory at {self._base}")
             if resp.status not in (200, 405, 501):
-                raise await self._error(resp, "HEAD", url)
+                raise await status_error(resp, "HEAD", url)
         # HEAD refused or without a length: ask for one byte instead.
         what = f"GET {url}"
         async with self._exchange("GET", url, headers={"Range": "bytes=0-0"}) as resp:
             if resp.status == 206:
-                first, _, size = _content_range(resp, what)
+                first, _, size = content_range(resp, what)
                 if first != 0 or size is None:
                     raise OriginUnavailable(f"{what}: 206 without the file size")
             elif resp.status == 200:
@@ -330,17 +204,17 @@ class HttpOrigin:
                 size = resp.content_length
             elif resp.status == 416:
                 # bytes=0-0 is unsatisfiable only for an empty file.
-                size = _unsatisfied_size(resp) or 0
+                size = unsatisfied_size(resp) or 0
             else:
-                raise await self._error(resp, "GET", url)
-            return _stat_from(resp.headers, size)
+                raise await status_error(resp, "GET", url)
+            return stat_from(resp.headers, size)
 
     async def read_into(
         self, path: str, offset: int, buffers: Sequence[memoryview], etag: str | None = None
     ) -> int:
         if offset < 0:
             raise ValueError(f"negative offset {offset}")
-        validator = _Validator.parse(etag) if etag is not None else None
+        validator = Validator.parse(etag) if etag is not None else None
         url = self._url(path)
         total = sum(len(b) for b in buffers)
         filled = 0
@@ -359,7 +233,7 @@ class HttpOrigin:
         offset: int,
         buffers: Sequence[memoryview],
         filled: int,
-        validator: _Validator | None,
+        validator: Validator | None,
     ) -> tuple[int, bool]:
         """One range GET for what ``buffers`` lack after ``filled`` bytes.
 
@@ -375,7 +249,7 @@ class HttpOrigin:
         what = f"GET {url} bytes={pos}-{last_wanted}"
         async with self._exchange("GET", url, headers=headers) as resp:
             if resp.status == 206:
-                first, last, complete = _content_range(resp, what)
+                first, last, complete = content_range(resp, what)
                 if first != pos or last > last_wanted:
                     raise OriginUnavailable(
                         f"{what}: 206 for another range {resp.headers['Content-Range']!r}"
@@ -385,7 +259,7 @@ class HttpOrigin:
                 length = last - first + 1
                 got = await self._copy_body(resp, sink, 0, length)
                 if got < length:
-                    raise _TransientUnavailable(f"{what}: body ended after {got} of {length} bytes")
+                    raise TransientUnavailable(f"{what}: body ended after {got} of {length} bytes")
                 return got, complete is not None and last + 1 == complete
             if resp.status == 200:
                 # The origin ignored Range: the body is the whole object.
@@ -393,13 +267,13 @@ class HttpOrigin:
                     validator.check(resp.headers, resp.content_length, what)
                 return await self._copy_body(resp, sink, pos, sink.room), True
             if resp.status == 416:
-                size = _unsatisfied_size(resp)
+                size = unsatisfied_size(resp)
                 if size is not None and size > pos:
                     raise OriginUnavailable(f"{what}: 416 although the size is {size}")
                 if validator is not None:
                     validator.check(resp.headers, size, what)
                 return 0, True
-            raise await self._error(resp, "GET", url, pinned=validator is not None)
+            raise await status_error(resp, "GET", url, pinned=validator is not None)
 
     @staticmethod
     async def _copy_body(resp: aiohttp.ClientResponse, sink: _Sink, skip: int, limit: int) -> int:
@@ -428,7 +302,7 @@ class HttpOrigin:
         what = f"GET {url}"
         async with self._exchange("GET", url, headers={"Accept": "application/json"}) as resp:
             if resp.status != 200:
-                raise await self._error(resp, "GET", url)
+                raise await status_error(resp, "GET", url)
             body = bytearray()
             async for chunk in resp.content.iter_any():
                 body += chunk
@@ -440,13 +314,13 @@ class HttpOrigin:
             raise OriginUnavailable(
                 f"{what}: listing is not JSON (nginx needs 'autoindex_format json;')"
             ) from exc
-        return _parse_listing(data, what)
+        return parse_listing(data, what)
 
     async def check(self) -> None:
         url = URL(self._base, encoded=True)
         async with self._exchange("HEAD", url) as resp:
             if resp.status >= 500:
-                raise await self._error(resp, "HEAD", url)
+                raise await status_error(resp, "HEAD", url)
 
     async def close(self) -> None:
         self._closed = True
@@ -488,7 +362,7 @@ class HttpOrigin:
                 return
             url = self._url(path, query=f"truncate={end}")
             with contextlib.suppress(OriginConflict):
-                await self._write(url, "POST", headers=_Validator.parse(stat.etag).headers())
+                await self._write(url, "POST", headers=Validator.parse(stat.etag).headers())
                 return
         raise OriginConflict(f"{path!r} kept changing while allocating at {self._base}")
 
@@ -505,7 +379,7 @@ class HttpOrigin:
             old: OriginStat | None = await self.stat(path)
         except OriginNotFound:
             old = None
-        pin = _Validator.parse(old.etag).headers() if old is not None else {"If-None-Match": "*"}
+        pin = Validator.parse(old.etag).headers() if old is not None else {"If-None-Match": "*"}
         headers = {"Content-Length": str(size), **pin}
         body = self._rewritten(path, size, changed, read_changed, old)
         await self._streamed_put(self._url(path), body, headers)
@@ -561,7 +435,7 @@ class HttpOrigin:
         headers = {"If-None-Match": "*", "Content-Length": "0"}
         async with self._exchange("PUT", url, headers=headers, data=b"") as resp:
             if resp.status // 100 != 2 and resp.status != 412:  # 412: created meanwhile
-                raise await self._error(resp, "PUT", url, write=True)
+                raise await status_error(resp, "PUT", url, write=True)
         return await self.stat(path)
 
     async def remove(self, path: str) -> None:
@@ -578,7 +452,7 @@ class HttpOrigin:
         """One non-idempotent request; any non-2xx answer is an error (no retries)."""
         async with self._exchange(method, url, headers=headers, data=data) as resp:
             if resp.status // 100 != 2:
-                raise await self._error(resp, method, url, write=True, pinned=True)
+                raise await status_error(resp, method, url, write=True, pinned=True)
 
     async def _streamed_put(
         self, url: URL, chunks: AsyncIterable[bytes | memoryview], headers: dict[str, str]
@@ -652,9 +526,9 @@ class HttpOrigin:
             async with self._client().request(method, url, **kwargs) as resp:
                 yield resp
         except TimeoutError as exc:
-            raise _TransientTimeout(f"{what}: timed out") from exc
+            raise TransientTimeout(f"{what}: timed out") from exc
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
-            raise _TransientUnavailable(f"{what}: {exc or type(exc).__name__}") from exc
+            raise TransientUnavailable(f"{what}: {exc or type(exc).__name__}") from exc
         except aiohttp.ClientError as exc:
             raise OriginUnavailable(f"{what}: {exc or type(exc).__name__}") from exc
 
@@ -664,60 +538,13 @@ class HttpOrigin:
         while True:
             try:
                 return await attempt()
-            except _TRANSIENT as exc:
+            except TRANSIENT as exc:
                 if tries >= self._retries:
                     raise
                 delay = _BACKOFF_BASE * 4**tries
                 tries += 1
                 logger.debug("retrying in %.2fs (%d/%d): %s", delay, tries, self._retries, exc)
                 await asyncio.sleep(delay)
-
-    async def _error(
-        self,
-        resp: aiohttp.ClientResponse,
-        method: str,
-        url: URL,
-        *,
-        pinned: bool = False,
-        write: bool = False,
-    ) -> OriginError:
-        """The OriginError for an unwanted status (``pinned``: a 412 is a conflict)."""
-        status = resp.status
-        message = f"{method} {url}: HTTP {status}"
-        detail = await _error_detail(resp)
-        if detail:
-            message += f": {detail}"
-        if status in (404, 410):
-            return OriginNotFound(message)
-        if status in (401, 403):
-            return OriginPermissionDenied(message)
-        if status == 412 and pinned:
-            return OriginConflict(message)
-        if status in (413, 507):
-            return OriginNoSpace(message)
-        if write and status in (405, 501):
-            return OriginUnsupported(message)
-        if status == 504:  # a lower cachesvc tier's origin timed out
-            return _TransientTimeout(message)
-        if status in (408, 429) or (status >= 500 and status != 501):
-            return _TransientUnavailable(message)
-        if 300 <= status < 400:
-            message += f" (redirect to {resp.headers.get('Location', '?')} not followed)"
-        return OriginUnavailable(message)
-
-
-async def _error_detail(resp: aiohttp.ClientResponse) -> str:
-    """A short text from an error body: cachesvc's JSON ``message``, else its first line."""
-    try:
-        raw = await resp.content.read(_ERROR_BODY_LIMIT)
-    except (aiohttp.ClientError, TimeoutError):
-        return ""
-    text = raw.decode("utf-8", "replace").strip()
-    with contextlib.suppress(ValueError):
-        data = json.loads(text)
-        if isinstance(data, dict) and isinstance(data.get("message"), str):
-            return str(data["message"])[:200]
-    return text.split("\n", 1)[0][:200] if text and not text.startswith("<") else ""
 
 
 async def _iterate(buffers: Sequence[memoryview]) -> AsyncIterator[memoryview]:

@@ -5,18 +5,9 @@ synchronously (a startup step); ``LocalOrigin.open(root)`` creates it first
 when missing. Replacing or remounting the root directory later is reported by
 :meth:`LocalOrigin.check`; the origin keeps using the directory it opened.
 
-Confinement. Nothing outside the root is ever opened. A path is resolved one
-component at a time from a descriptor of the root: each directory with
-``O_PATH | O_DIRECTORY | O_NOFOLLOW`` relative to its parent, the final name
-with ``O_NOFOLLOW``. A symbolic link anywhere in a path is refused with
-OriginPermissionDenied whatever it points to (inside or outside the root,
-existing or not): its target is never looked at, so the answer cannot reveal
-anything about it. Names ``''``, ``'.'``, ``'..'`` and names with a NUL are
-refused the same way (``'/'`` only separates names). Only regular files are
-served: the final name is checked with lstat before it is opened, so a device
-is never opened; it is opened with ``O_NONBLOCK`` (a FIFO swapped in
-meanwhile cannot block a worker) and checked again with fstat. Anything else
-is OriginNotFound, as is a file where a directory is expected.
+Confinement. Nothing outside the root is ever opened: a path is resolved one
+name at a time from a descriptor of the root and never through a symbolic
+link, and only regular files are opened (see :mod:`cachesvc.origins.localpaths`).
 
 Threads. Every system call runs in a bounded thread pool. An operation is one
 job (resolve, open, read, close ...); the event loop only keeps the books. A
@@ -43,8 +34,8 @@ a temporary file ``.<name>.cachesvc-tmp-<hex>`` next to the target, fsync it,
 rename it over the target and fsync the directory: readers see the old or the
 new content, never a mix, and a failure leaves the old content and no
 temporary file. Listings hide those temporary files. Creating a file or a
-directory and removing a file fsync the directory that changed. A directory
-fsync that the filesystem does not support (EINVAL, EOPNOTSUPP) is skipped.
+directory and removing a file fsync the directory that changed (where the
+filesystem supports directory fsync).
 
 All bookkeeping happens on the event loop thread, so it needs no lock; job
 threads only read the fields marked Immutable and the job objects handed to
@@ -54,14 +45,10 @@ them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import os
-import re
-import secrets
-import stat as statmod
 from collections import OrderedDict
-from collections.abc import AsyncIterable, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterable, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -80,21 +67,24 @@ from cachesvc.origins.base import (
     OriginUnavailable,
     OriginUnsupported,
 )
+from cachesvc.origins.fileio import COPY_CHUNK, IOV_MAX, allocate_space, preadv_all, pwritev_all
+from cachesvc.origins.localpaths import (
+    TempFile,
+    commit_temp,
+    copy_old,
+    drop_temp,
+    list_entries,
+    open_file,
+    open_temp,
+    remove_file,
+    split_path,
+    stat_file,
+    write_temp,
+)
 
 T = TypeVar("T")
 
-IOV_MAX = 1024  # Linux UIO_MAXIOV: buffers per preadv/pwritev call.
-COPY_CHUNK = 8 << 20  # rewrite(): bytes per read_changed() call and per plain copy step.
 WRITE_BATCH = 1 << 20  # replace(): streamed bytes gathered into one write job.
-TEMP_MARKER = ".cachesvc-tmp-"
-_TEMP_STEM_BYTES = 200  # Keeps temporary names under NAME_MAX (255 bytes).
-_TEMP_NAME = re.compile(r"\..*" + re.escape(TEMP_MARKER) + r"[0-9a-f]{16}", re.DOTALL)
-
-_DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_FILE_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-_NO_DIR_FSYNC = (errno.EINVAL, errno.EOPNOTSUPP)
-_NO_COPY_FILE_RANGE = (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
-_NO_FALLOCATE = (errno.EOPNOTSUPP, errno.ENOSYS)
 
 _ERRNO_ERRORS: dict[int, type[OriginError]] = {
     errno.ENOENT: OriginNotFound,
@@ -123,148 +113,13 @@ def origin_error(exc: OSError, where: str) -> OriginError:
     return cls(f"{where or '/'}: {reason}")
 
 
-def split_path(path: str) -> list[str]:
-    """The names of an origin-relative path; OriginPermissionDenied if one is not a plain name."""
-    names = path.split("/")
-    for name in names:
-        if name in ("", ".", "..") or "\0" in name:
-            raise OriginPermissionDenied(f"{path!r}: not a valid origin path")
-    return names
-
-
 def etag_of(st: os.stat_result) -> str:
     """The version token of a file: inode, modification time and size."""
     return f"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"
 
 
-def is_temp_name(name: str) -> bool:
-    """Whether ``name`` is one of our temporary files (hidden from listings)."""
-    return _TEMP_NAME.fullmatch(name) is not None
-
-
-def _temp_name(name: str) -> str:
-    stem = name.encode("utf-8", "surrogateescape")[:_TEMP_STEM_BYTES].decode("utf-8", "ignore")
-    return f".{stem}{TEMP_MARKER}{secrets.token_hex(8)}"
-
-
 def _origin_stat(st: os.stat_result) -> OriginStat:
     return OriginStat(size=st.st_size, mtime=st.st_mtime_ns / 1e9, etag=etag_of(st))
-
-
-def _symlink_refused() -> OSError:
-    return OSError(errno.ELOOP, "symbolic links are not followed")
-
-
-def _require_regular(st: os.stat_result) -> None:
-    """Raises the OSError we report for anything but a regular file."""
-    if statmod.S_ISLNK(st.st_mode):
-        raise _symlink_refused()
-    if not statmod.S_ISREG(st.st_mode):
-        raise OSError(errno.ENOENT, "not a regular file")
-
-
-@contextlib.contextmanager
-def _byte_views(buffers: Sequence[memoryview | bytes]) -> Iterator[list[memoryview]]:
-    """Non-empty one-dimensional byte views of ``buffers`` (same memory).
-
-    The views are released on exit, so no export of the caller's memory (an
-    mmap it may want to close) outlives the job.
-    """
-    views: list[memoryview] = []
-    made: list[memoryview] = []
-    try:
-        for buf in buffers:
-            view = memoryview(buf)
-            made.append(view)
-            if view.format != "B" or view.ndim != 1:
-                view = view.cast("B")
-                made.append(view)
-            if view.nbytes:
-                views.append(view)
-        yield views
-    finally:
-        for view in made:
-            view.release()
-
-
-def _transfer_all(
-    call: Callable[[int, list[memoryview], int], int],
-    fd: int,
-    offset: int,
-    views: Sequence[memoryview],
-) -> int:
-    """Calls preadv/pwritev ``call`` until ``views`` are done (at most IOV_MAX
-    views per call, continuing after short transfers) or it returns 0."""
-    done = first = skip = 0  # skip: bytes of views[first] already transferred
-    while first < len(views):
-        batch = list(views[first : first + IOV_MAX])
-        if skip:
-            batch[0] = views[first][skip:]
-        try:
-            n = call(fd, batch, offset + done)
-        finally:
-            if skip:
-                batch[0].release()
-        if n == 0:
-            break
-        done += n
-        n += skip
-        while first < len(views) and n >= len(views[first]):
-            n -= len(views[first])
-            first += 1
-        skip = n
-    return done
-
-
-def _preadv_all(fd: int, offset: int, buffers: Sequence[memoryview | bytes]) -> int:
-    """Fills ``buffers`` from ``offset`` until done or end of file; returns bytes read."""
-    with _byte_views(buffers) as views:
-        return _transfer_all(os.preadv, fd, offset, views)
-
-
-def _pwritev_all(fd: int, offset: int, buffers: Sequence[memoryview | bytes]) -> int:
-    """Writes all of ``buffers`` at ``offset``; returns bytes written."""
-    with _byte_views(buffers) as views:
-        done = _transfer_all(os.pwritev, fd, offset, views)
-        if done < sum(len(v) for v in views):
-            raise OSError(errno.EIO, "write made no progress")
-        return done
-
-
-def _allocate(fd: int, offset: int, length: int) -> None:
-    """posix_fallocate; where the filesystem cannot reserve space, still grows
-    the file as fallocate would."""
-    if length == 0:
-        return
-    try:
-        os.posix_fallocate(fd, offset, length)
-    except OSError as exc:
-        if exc.errno not in _NO_FALLOCATE:
-            raise
-        if os.fstat(fd).st_size < offset + length:
-            os.ftruncate(fd, offset + length)
-
-
-def _copy_plain(src: int, dst: int, start: int, end: int) -> None:
-    buf = memoryview(bytearray(min(COPY_CHUNK, end - start)))
-    while start < end:
-        n = os.preadv(src, [buf[: end - start]], start)
-        if n == 0:
-            return
-        _pwritev_all(dst, start, [buf[:n]])
-        start += n
-
-
-def _fsync_dir_at(dir_fd: int) -> None:
-    """fsyncs the directory ``dir_fd`` (which may be an O_PATH descriptor)."""
-    fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        if exc.errno not in _NO_DIR_FSYNC:
-            raise
-    finally:
-        os.close(fd)
 
 
 def _check_changed(size: int, changed: Sequence[tuple[int, int]]) -> None:
@@ -294,23 +149,6 @@ class _FileJob:
 
     fresh: _Handle | None = None  # A descriptor the job opened.
     stale: bool = False  # The cached descriptor handed to the job no longer names the path.
-
-
-@dataclass(eq=False, slots=True)
-class _Temp:
-    """A temporary file being written for replace() or rewrite().
-
-    Its jobs run one after another; each field is written by a job thread and
-    read by the next job, except ``last``, which is loop thread only.
-    """
-
-    names: list[str]  # Immutable: the target's path.
-    parent: int = -1  # O_PATH descriptor of the target's directory.
-    fd: int = -1  # The temporary file.
-    name: str = ""  # Its name in parent; '' once renamed over the target (or never created).
-    old: int = -1  # rewrite(): the current target, -1 if none.
-    old_size: int = 0
-    last: asyncio.Future[Any] | None = None  # The last job submitted for this file.
 
 
 class LocalOrigin:
@@ -394,7 +232,7 @@ class LocalOrigin:
 
     async def stat(self, path: str) -> OriginStat:
         names = self._names(path)
-        return _origin_stat(await self._run(path, self._stat_job, names))
+        return _origin_stat(await self._run(path, stat_file, self._root_fd, names))
 
     async def read_into(
         self, path: str, offset: int, buffers: Sequence[memoryview], etag: str | None = None
@@ -408,7 +246,7 @@ class LocalOrigin:
 
         def read(fd: int) -> int:
             check(fd)
-            n = _preadv_all(fd, offset, buffers)
+            n = preadv_all(fd, offset, buffers)
             check(fd)
             return n
 
@@ -417,7 +255,7 @@ class LocalOrigin:
     async def list_dir(self, path: str) -> list[DirEntry]:
         self._ensure_open(path)
         names = split_path(path) if path else []
-        return await self._run(path, self._list_job, names)
+        return await self._run(path, list_entries, self._root_fd, names)
 
     async def check(self) -> None:
         self._ensure_open("")
@@ -434,7 +272,7 @@ class LocalOrigin:
         if offset < 0:
             raise ValueError(f"negative offset {offset}")
         return await self._file_op(
-            path, lambda fd: _pwritev_all(fd, offset, buffers), write=True, dirties=True
+            path, lambda fd: pwritev_all(fd, offset, buffers), write=True, dirties=True
         )
 
     async def set_size(self, path: str, size: int) -> None:
@@ -448,7 +286,7 @@ class LocalOrigin:
         if offset < 0 or length < 0:
             raise ValueError(f"negative offset {offset} or length {length}")
         await self._file_op(
-            path, lambda fd: _allocate(fd, offset, length), write=True, dirties=True
+            path, lambda fd: allocate_space(fd, offset, length), write=True, dirties=True
         )
 
     async def sync(self, path: str) -> None:
@@ -464,23 +302,23 @@ class LocalOrigin:
     async def remove(self, path: str) -> None:
         self._require_writable(path)
         names = self._names(path)
-        job = self._submit(self._remove_job, names)
+        job = self._submit(remove_file, self._root_fd, names)
         job.add_done_callback(lambda _: self._invalidate(path))
         await self._wait(path, job)
 
     async def replace(self, path: str, chunks: AsyncIterable[bytes]) -> OriginStat:
-        async def fill(temp: _Temp) -> None:
+        async def fill(temp: TempFile) -> None:
             batch: list[bytes] = []
             offset = pending = 0
             async for chunk in chunks:
                 batch.append(chunk)
                 pending += len(chunk)
                 if pending >= WRITE_BATCH or len(batch) >= IOV_MAX:
-                    await self._temp_job(path, temp, _write_temp, offset, batch)
+                    await self._temp_job(path, temp, write_temp, offset, batch)
                     offset += pending
                     batch, pending = [], 0
             if batch:
-                await self._temp_job(path, temp, _write_temp, offset, batch)
+                await self._temp_job(path, temp, write_temp, offset, batch)
 
         return await self._write_atomically(path, fill, keep_old=False)
 
@@ -491,8 +329,8 @@ class LocalOrigin:
             raise ValueError(f"negative size {size}")
         _check_changed(size, changed)
 
-        async def fill(temp: _Temp) -> None:
-            await self._temp_job(path, temp, _copy_old, size)
+        async def fill(temp: TempFile) -> None:
+            await self._temp_job(path, temp, copy_old, size)
             for start, end in changed:
                 for offset in range(start, end, COPY_CHUNK):
                     length = min(COPY_CHUNK, end - offset)
@@ -501,7 +339,7 @@ class LocalOrigin:
                         got = view.nbytes
                     if got != length:
                         raise RuntimeError(f"read_changed({offset}, {length}) returned {got} bytes")
-                    await self._temp_job(path, temp, _write_temp, offset, [data])
+                    await self._temp_job(path, temp, write_temp, offset, [data])
 
         return await self._write_atomically(path, fill, keep_old=True)
 
@@ -671,15 +509,15 @@ class LocalOrigin:
             self._retire(path, handle)
 
     async def _write_atomically(
-        self, path: str, fill: Callable[[_Temp], Awaitable[None]], *, keep_old: bool
+        self, path: str, fill: Callable[[TempFile], Awaitable[None]], *, keep_old: bool
     ) -> OriginStat:
         """Writes a temporary file with ``fill`` and renames it over ``path``."""
         self._require_writable(path)
-        temp = _Temp(self._names(path))
+        temp = TempFile(self._names(path))
         try:
-            await self._temp_job(path, temp, self._open_temp, keep_old)
+            await self._temp_job(path, temp, open_temp, self._root_fd, keep_old)
             await fill(temp)
-            commit = self._submit(self._commit_temp, temp)
+            commit = self._submit(commit_temp, temp)
             temp.last = commit
             commit.add_done_callback(lambda _: self._invalidate(path))
             st = await self._wait(path, commit)
@@ -687,14 +525,14 @@ class LocalOrigin:
             last = temp.last
             if last is not None and not last.done():
                 # Cancelled during a job: clean up once it ends.
-                last.add_done_callback(lambda _: self._submit(_drop_temp, temp))
+                last.add_done_callback(lambda _: self._submit(drop_temp, temp))
             elif self._shut_down:
-                _drop_temp(temp)  # closed meanwhile: no pool left; a few quick calls
+                drop_temp(temp)  # closed meanwhile: no pool left; a few quick calls
             else:
-                await asyncio.shield(self._submit(_drop_temp, temp))
+                await asyncio.shield(self._submit(drop_temp, temp))
         return _origin_stat(st)
 
-    async def _temp_job(self, path: str, temp: _Temp, fn: Callable[..., T], *args: Any) -> T:
+    async def _temp_job(self, path: str, temp: TempFile, fn: Callable[..., T], *args: Any) -> T:
         """Runs ``fn(temp, *args)``; the previous job on ``temp`` has ended."""
         job = self._submit(fn, temp, *args)
         temp.last = job
@@ -702,79 +540,9 @@ class LocalOrigin:
 
     # ------------------------------------------------- job bodies (in threads)
 
-    def _open_dir(self, names: Sequence[str], *, create: bool = False) -> int:
-        """An O_PATH descriptor of directory ``names`` (caller closes), resolved
-        without following symbolic links; with ``create``, makes missing ones."""
-        fd = os.dup(self._root_fd)
-        try:
-            for name in names:
-                sub = self._open_subdir(fd, name, create)
-                os.close(fd)
-                fd = sub
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
-
-    @staticmethod
-    def _open_subdir(dir_fd: int, name: str, create: bool) -> int:
-        try:
-            return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
-        except NotADirectoryError:
-            # O_DIRECTORY | O_NOFOLLOW fails alike for a link and a file.
-            if statmod.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
-                raise _symlink_refused() from None
-            raise
-        except FileNotFoundError:
-            if not create:
-                raise
-        try:
-            os.mkdir(name, dir_fd=dir_fd)
-        except FileExistsError:
-            pass  # made meanwhile
-        else:
-            _fsync_dir_at(dir_fd)
-        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
-
     def _open_file(self, names: list[str], *, write: bool, create: bool) -> _Handle:
-        parent = self._open_dir(names[:-1], create=create)
-        try:
-            fd = self._open_in(parent, names[-1], write=write, create=create)
-        finally:
-            os.close(parent)
-        try:
-            st = os.fstat(fd)
-            _require_regular(st)
-            os.set_blocking(fd, True)
-        except BaseException:
-            os.close(fd)
-            raise
+        fd, st = open_file(self._root_fd, names, write=write, create=create)
         return _Handle(fd, st.st_dev, st.st_ino, writable=write)
-
-    @staticmethod
-    def _open_in(parent: int, name: str, *, write: bool, create: bool) -> int:
-        """Opens regular file ``name`` in ``parent``; with ``create`` (and
-        ``write``), creates it if missing and fsyncs ``parent``."""
-        try:
-            st = os.stat(name, dir_fd=parent, follow_symlinks=False)
-        except FileNotFoundError:
-            if not create:
-                raise
-            flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | _FILE_FLAGS
-            try:
-                fd = os.open(name, flags, 0o666, dir_fd=parent)
-            except FileExistsError:
-                pass  # created meanwhile: open it like any other
-            else:
-                try:
-                    _fsync_dir_at(parent)
-                except BaseException:
-                    os.close(fd)
-                    raise
-                return fd
-        else:
-            _require_regular(st)
-        return os.open(name, (os.O_RDWR if write else os.O_RDONLY) | _FILE_FLAGS, dir_fd=parent)
 
     def _still_names(self, handle: _Handle, names: list[str]) -> bool:
         """Whether the path still names the file ``handle`` has open (the cheap
@@ -785,131 +553,8 @@ class LocalOrigin:
             return False
         return st.st_ino == handle.ino and st.st_dev == handle.dev
 
-    def _stat_job(self, names: list[str]) -> os.stat_result:
-        parent = self._open_dir(names[:-1])
-        try:
-            st = os.stat(names[-1], dir_fd=parent, follow_symlinks=False)
-        finally:
-            os.close(parent)
-        _require_regular(st)
-        return st
-
-    def _list_job(self, names: list[str]) -> list[DirEntry]:
-        parent = self._open_dir(names)
-        try:
-            fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=parent)
-        finally:
-            os.close(parent)
-        entries = []
-        try:
-            with os.scandir(fd) as it:
-                for entry in it:
-                    if not _listable_name(entry.name):
-                        continue
-                    try:
-                        st = entry.stat(follow_symlinks=False)
-                    except FileNotFoundError:
-                        continue  # removed meanwhile
-                    if statmod.S_ISDIR(st.st_mode) or statmod.S_ISREG(st.st_mode):
-                        is_dir = statmod.S_ISDIR(st.st_mode)
-                        entries.append(
-                            DirEntry(entry.name, is_dir, st.st_size, st.st_mtime_ns / 1e9)
-                        )
-        finally:
-            os.close(fd)
-        entries.sort(key=lambda e: e.name)
-        return entries
-
-    def _remove_job(self, names: list[str]) -> None:
-        parent = self._open_dir(names[:-1])
-        try:
-            _require_regular(os.stat(names[-1], dir_fd=parent, follow_symlinks=False))
-            os.unlink(names[-1], dir_fd=parent)
-            _fsync_dir_at(parent)
-        finally:
-            os.close(parent)
-
     def _check_job(self) -> None:
         held = os.fstat(self._root_fd)
         now = os.stat(self.root)
         if (held.st_dev, held.st_ino) != (now.st_dev, now.st_ino):
             raise OSError(errno.ESTALE, "root directory was replaced or remounted")
-
-    def _open_temp(self, temp: _Temp, keep_old: bool) -> None:
-        name = temp.names[-1]
-        temp.parent = self._open_dir(temp.names[:-1], create=True)
-        mode = None
-        try:
-            st = os.stat(name, dir_fd=temp.parent, follow_symlinks=False)
-        except FileNotFoundError:
-            pass
-        else:
-            _require_regular(st)
-            mode = statmod.S_IMODE(st.st_mode) & 0o777
-            if keep_old:
-                temp.old = os.open(name, os.O_RDONLY | _FILE_FLAGS, dir_fd=temp.parent)
-                old = os.fstat(temp.old)
-                _require_regular(old)
-                os.set_blocking(temp.old, True)
-                temp.old_size = old.st_size
-        tmp_name = _temp_name(name)
-        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        temp.fd = os.open(tmp_name, flags, 0o666, dir_fd=temp.parent)
-        temp.name = tmp_name
-        if mode is not None:
-            # Keep the old permission bits where the filesystem lets us.
-            with contextlib.suppress(PermissionError):
-                os.fchmod(temp.fd, mode)
-
-    @staticmethod
-    def _commit_temp(temp: _Temp) -> os.stat_result:
-        os.fsync(temp.fd)
-        st = os.fstat(temp.fd)
-        os.rename(temp.name, temp.names[-1], src_dir_fd=temp.parent, dst_dir_fd=temp.parent)
-        temp.name = ""
-        _fsync_dir_at(temp.parent)
-        return st
-
-
-def _listable_name(name: str) -> bool:
-    """Not a temporary file, and addressable through the API (valid UTF-8)."""
-    if is_temp_name(name):
-        return False
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _write_temp(temp: _Temp, offset: int, buffers: Sequence[memoryview | bytes]) -> int:
-    return _pwritev_all(temp.fd, offset, buffers)
-
-
-def _copy_old(temp: _Temp, size: int) -> None:
-    """Copies the old content below ``size`` into the temporary file and sets its size."""
-    end = min(temp.old_size, size) if temp.old >= 0 else 0
-    copied = 0
-    while copied < end:
-        try:
-            n = os.copy_file_range(temp.old, temp.fd, end - copied, copied, copied)
-        except OSError as exc:
-            if exc.errno not in _NO_COPY_FILE_RANGE:
-                raise
-            _copy_plain(temp.old, temp.fd, copied, end)
-            break
-        if n == 0:
-            break  # the old file shrank meanwhile; the rest reads as zeros
-        copied += n
-    os.ftruncate(temp.fd, size)
-
-
-def _drop_temp(temp: _Temp) -> None:
-    """Unlinks the temporary file unless renamed, and closes its descriptors."""
-    if temp.name:
-        with contextlib.suppress(OSError):
-            os.unlink(temp.name, dir_fd=temp.parent)
-    for fd in (temp.fd, temp.old, temp.parent):
-        if fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(fd)

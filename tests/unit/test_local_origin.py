@@ -25,14 +25,9 @@ from cachesvc.origins.base import (
     OriginUnavailable,
     OriginUnsupported,
 )
-from cachesvc.origins.local import (
-    IOV_MAX,
-    TEMP_MARKER,
-    LocalOrigin,
-    etag_of,
-    is_temp_name,
-    origin_error,
-)
+from cachesvc.origins.fileio import IOV_MAX
+from cachesvc.origins.local import LocalOrigin, etag_of, origin_error
+from cachesvc.origins.localpaths import TEMP_MARKER, is_temp_name
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, assume, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from cachesvc.core import hostmem
 from cachesvc.core import memfile as memfile_module
 from cachesvc.core.memfile import (
     CHUNK_SIZE,
@@ -274,13 +275,13 @@ async def test_update_usage_skips_mincore_when_totals_match(
     mf: MemoryFile, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     scans: list[int] = []
-    real = memfile_module._resident_runs
+    real = hostmem.resident_runs
 
     def counting(pieces: list[tuple[int, int, int]]) -> list[Range]:
         scans.append(len(pieces))
         return real(pieces)
 
-    monkeypatch.setattr(memfile_module, "_resident_runs", counting)
+    monkeypatch.setattr(memfile_module, "resident_runs", counting)
     rng = await mf.allocate(4 * PAGE_SIZE, PC)
     touch(mf, Range(rng.start, rng.start + 2 * PAGE_SIZE))
     await mf.update_usage()
@@ -302,7 +303,7 @@ async def test_update_usage_discards_a_scan_raced_by_a_punch(
     touch(mf, rng)
     scanned = threading.Event()
     resume = threading.Event()
-    real = memfile_module._resident_runs
+    real = hostmem.resident_runs
 
     def paused(pieces: list[tuple[int, int, int]]) -> list[Range]:
         runs = real(pieces)
@@ -310,7 +311,7 @@ async def test_update_usage_discards_a_scan_raced_by_a_punch(
         resume.wait(WAIT)
         return runs
 
-    monkeypatch.setattr(memfile_module, "_resident_runs", paused)
+    monkeypatch.setattr(memfile_module, "resident_runs", paused)
     update = asyncio.create_task(mf.update_usage())
     assert await asyncio.to_thread(scanned.wait, WAIT)
     # The scan saw the pages resident; now they are punched before it reports.
