@@ -7,6 +7,14 @@ SIGTERM or SIGINT. Shutdown stops accepting, lets in-flight requests finish
 within ``--shutdown-grace``, writes back all dirty data and fsyncs; the exit
 status is 0, or 1 after naming the files and ranges that could not be
 written.
+
+In-flight requests are counted here rather than left to aiohttp's runner
+cleanup: that cleanup first marks every connection closing, after which
+aiohttp drops the bytes still arriving on it, so an upload in progress
+could never finish its body and would be cancelled when the grace period
+ran out. Shutdown therefore closes the listening sockets, waits for the
+count to reach zero (answers given meanwhile close their connection), and
+only then lets the runners close what is left, with a short linger.
 """
 
 from __future__ import annotations
@@ -20,10 +28,12 @@ from dataclasses import dataclass
 
 import uvloop
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from cachesvc import __version__
 from cachesvc.api.admin import make_admin_app
 from cachesvc.api.data import make_data_app
+from cachesvc.api.errors import Handler
 from cachesvc.api.metrics import Metrics
 from cachesvc.api.writes import runner_options
 from cachesvc.config import Config
@@ -36,6 +46,44 @@ log = logging.getLogger("cachesvc.server")
 
 # How often the host's view of committed memory is refreshed.
 USAGE_REFRESH_SECONDS = 1.0
+# After the grace period (or once nothing is in flight), how long aiohttp
+# may still take to send the last responses before it cancels handlers.
+LINGER_SECONDS = 1.0
+
+
+class InFlight:
+    """Counts requests being handled on both listeners, so that shutdown can
+    wait for them. All fields are protected by the event loop."""
+
+    def __init__(self) -> None:
+        self.count = 0  # handlers running
+        self.stopping = False  # set once shutdown begins
+        self._idle = asyncio.Event()  # set whenever count is zero
+        self._idle.set()
+
+    def middleware(self) -> Middleware:
+        """The outermost middleware of an app: counts its requests."""
+
+        @web.middleware
+        async def count_in_flight(request: web.Request, handler: Handler) -> web.StreamResponse:
+            self.count += 1
+            self._idle.clear()
+            try:
+                response = await handler(request)
+            finally:
+                self.count -= 1
+                if self.count == 0:
+                    self._idle.set()
+            if self.stopping:
+                # The listener is gone: do not keep the connection alive.
+                response.force_close()
+            return response
+
+        return count_in_flight
+
+    async def wait_idle(self) -> None:
+        """Waits until no request is in flight (the caller bounds the wait)."""
+        await self._idle.wait()
 
 
 @dataclass(slots=True)
@@ -49,6 +97,7 @@ class Service:
     metrics: Metrics
     runners: list[web.AppRunner]
     refresher: asyncio.Task[None]
+    in_flight: InFlight
 
 
 def cache_options(config: Config) -> CacheOptions:
@@ -79,15 +128,18 @@ async def start(config: Config) -> Service:
     cache.start()
     metrics.watch_cache(cache)
     runners: list[web.AppRunner] = []
+    in_flight = InFlight()
     for app, address, options in (
         (make_data_app(cache, config, metrics), config.listen, runner_options()),
         (make_admin_app(cache, config, metrics), config.admin_listen, {}),
     ):
+        app.middlewares.insert(0, in_flight.middleware())
         runner = web.AppRunner(
             app,
             handle_signals=False,
             access_log=None,
-            shutdown_timeout=config.shutdown_grace,
+            # stop() has waited out the grace period already.
+            shutdown_timeout=min(LINGER_SECONDS, config.shutdown_grace),
             **options,
         )
         await runner.setup()
@@ -95,7 +147,7 @@ async def start(config: Config) -> Service:
         await site.start()
         runners.append(runner)
     refresher = asyncio.create_task(_refresh_usage(memfile), name="usage refresher")
-    return Service(config, cache, memfile, origin, metrics, runners, refresher)
+    return Service(config, cache, memfile, origin, metrics, runners, refresher, in_flight)
 
 
 def bound_addresses(service: Service) -> list[str]:
@@ -119,8 +171,23 @@ async def _refresh_usage(memfile: MemoryFile) -> None:
 
 async def stop(service: Service) -> int:
     """Graceful shutdown; returns the process exit status."""
+    in_flight = service.in_flight
+    in_flight.stopping = True
     for runner in service.runners:
-        # Stops accepting, then waits up to shutdown_grace for requests.
+        for site in list(runner.sites):
+            await site.stop()  # closes the listening socket
+    grace = service.config.shutdown_grace
+    try:
+        async with asyncio.timeout(grace):
+            await in_flight.wait_idle()
+    except TimeoutError:
+        log.warning(
+            "%d request(s) still running after the %gs grace period; cancelling them",
+            in_flight.count,
+            grace,
+        )
+    for runner in service.runners:
+        # Closes idle keep-alive connections; cancels handlers still running.
         await runner.cleanup()
     service.refresher.cancel()
     with contextlib.suppress(asyncio.CancelledError):

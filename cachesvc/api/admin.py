@@ -9,12 +9,13 @@ what was done.
 
 from __future__ import annotations
 
-import hmac
 import time
+import urllib.parse
 
 from aiohttp import web
 
 from cachesvc import __version__
+from cachesvc.api.auth import bearer_token_matches
 from cachesvc.api.errors import ApiError, Handler, error_middleware
 from cachesvc.api.httpranges import HeaderError, parse_decimal
 from cachesvc.api.metrics import CONTENT_TYPE, Metrics
@@ -54,13 +55,9 @@ def make_admin_app(cache: FileCache, config: Config, metrics: Metrics) -> web.Ap
 @web.middleware
 async def _auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     token = request.app[CONFIG_KEY].admin_token
-    if token and request.path not in _OPEN_PATHS:
-        given = request.headers.get("Authorization", "")
-        expected = f"Bearer {token}"
-        if not hmac.compare_digest(given.encode(), expected.encode()):
-            raise ApiError(
-                401, "unauthorized", "admin token required", {"WWW-Authenticate": "Bearer"}
-            )
+    authorization = request.headers.get("Authorization", "")
+    if token and request.path not in _OPEN_PATHS and not bearer_token_matches(authorization, token):
+        raise ApiError(401, "unauthorized", "admin token required", {"WWW-Authenticate": "Bearer"})
     return await handler(request)
 
 
@@ -153,8 +150,26 @@ async def sync(request: web.Request) -> web.Response:
     return web.json_response(body, status=200 if not failures else 502)
 
 
+def _query_param(request: web.Request, name: str) -> str | None:
+    """The value of query parameter ``name``, or None if absent.
+
+    Percent-decoded once as strict UTF-8 (``+`` is a space, as urlencode and
+    HTML forms write it); 400 if the query is not UTF-8 or ``name`` repeats.
+    """
+    try:
+        pairs = urllib.parse.parse_qsl(
+            request.rel_url.raw_query_string, keep_blank_values=True, errors="strict"
+        )
+    except UnicodeDecodeError as exc:
+        raise ApiError(400, "bad_request", "query is not valid UTF-8") from exc
+    values = [value for key, value in pairs if key == name]
+    if len(values) > 1:
+        raise ApiError(400, "bad_request", f"?{name}= given more than once")
+    return values[0] if values else None
+
+
 def _path_param(request: web.Request) -> str:
-    raw = request.query.get("path")
+    raw = _query_param(request, "path")
     if raw is None:
         raise ApiError(400, "bad_request", "missing ?path=")
     checked = validate_path(raw)
@@ -164,7 +179,7 @@ def _path_param(request: web.Request) -> str:
 
 
 def _range_param(request: web.Request) -> tuple[int, int]:
-    raw = request.query.get("range")
+    raw = _query_param(request, "range")
     if raw is None:
         raise ApiError(400, "bad_request", "missing ?range=a-b")
     first, sep, last = raw.partition("-")

@@ -11,7 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -84,6 +90,10 @@ class Metrics:
     """The metric objects of one server, in their own registry."""
 
     def __init__(self) -> None:
+        # No ``*_created`` series: they would double the series of every
+        # labelled counter and histogram, as gauges no dashboard uses. The
+        # switch is process-wide; cachesvc has no other registry.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=True)
         self.http_requests = Counter(
             f"{PREFIX}_http_requests",

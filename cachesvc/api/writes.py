@@ -28,12 +28,12 @@ pages) forever:
 from __future__ import annotations
 
 import asyncio
-import hmac
 from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
 
+from cachesvc.api.auth import bearer_token_matches
 from cachesvc.api.errors import ApiError
 from cachesvc.config import Config
 
@@ -56,8 +56,7 @@ def check_write_allowed(request: web.Request, config: Config) -> None:
         raise ApiError(403, "read_only", "the server is read-only (--read-only)")
     if config.write_token:
         given = request.headers.get("Authorization", "")
-        expected = f"Bearer {config.write_token}"
-        if not hmac.compare_digest(given.encode(), expected.encode()):
+        if not bearer_token_matches(given, config.write_token):
             raise ApiError(
                 401,
                 "unauthorized",

@@ -668,7 +668,7 @@ class CachingInode:
             stat = await self._write_snapshot(snapshot)
         except OriginError as exc:
             self.cache.counters.writeback_errors += 1
-            self.last_error = exc
+            self.last_error = _detached(exc)
             log.warning("write-back of %s failed, data kept dirty: %s", self.path, exc)
             raise
         finally:
@@ -743,7 +743,7 @@ class CachingInode:
             await self.origin.sync(self.path)
         except OriginError as exc:
             self.cache.counters.writeback_errors += 1
-            self.last_error = exc
+            self.last_error = _detached(exc)
             raise
 
     # --------------------------------------------------------------- eviction
@@ -834,3 +834,10 @@ class CachingInode:
 
 
 __all__ = ["CachingInode"]
+
+
+def _detached(exc: OriginError) -> OriginError:
+    """A copy of ``exc`` without traceback or cause, safe to keep: a kept
+    traceback would keep the frames of the failed write alive, and with them
+    views of the memory file."""
+    return type(exc)(str(exc))

@@ -178,7 +178,7 @@ async def test_read_only(root: Path, session: aiohttp.ClientSession) -> None:
 
 @pytest.mark.parametrize(
     "authorization",
-    [None, "", "Bearer", "Bearer wrong", f"bearer {TOKEN}x", f"Basic {TOKEN}", f"Bearer  {TOKEN}"],
+    [None, "", "Bearer", "Bearer wrong", f"bearer {TOKEN}x", f"Basic {TOKEN}", f"Bearer{TOKEN}"],
 )
 async def test_write_token_required(
     root: Path, session: aiohttp.ClientSession, authorization: str | None
@@ -193,11 +193,17 @@ async def test_write_token_required(
         assert (await fetch(session, "GET", srv.url + "/files/f.bin")).status == 200
 
 
-async def test_write_token_accepted(root: Path, session: aiohttp.ClientSession) -> None:
+# RFC 9110 section 11: the scheme is case-insensitive and 1*SP may follow it.
+@pytest.mark.parametrize(
+    "authorization", [f"Bearer {TOKEN}", f"bearer {TOKEN}", f"Bearer  {TOKEN}"]
+)
+async def test_write_token_accepted(
+    root: Path, session: aiohttp.ClientSession, authorization: str
+) -> None:
     # The listener's address in the configuration is not loopback: the token
     # is what allows writes.
     with serving(root, write_token=TOKEN, listen=HostPort("0.0.0.0", 0)) as srv:
-        replies = await _writes(session, srv.url, {"Authorization": f"Bearer {TOKEN}"})
+        replies = await _writes(session, srv.url, {"Authorization": authorization})
         assert [r.status for r in replies] == [204, 204, 204, 204, 204, 204]
         assert not (root / "f.bin").exists()
 
