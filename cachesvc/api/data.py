@@ -25,6 +25,7 @@ import logging
 import mimetypes
 import time
 import urllib.parse
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -68,6 +69,7 @@ from cachesvc.config import Config
 from cachesvc.core.cache import FileCache
 from cachesvc.core.ranges import MAX_OFFSET, Range
 from cachesvc.origins.base import DirEntry, OriginNotFound
+from cachesvc.origins.http import INSTANCE_HEADER
 
 access_log = logging.getLogger("cachesvc.access")
 
@@ -99,6 +101,7 @@ def make_data_app(cache: FileCache, config: Config, metrics: Metrics) -> web.App
     """The data listener's app. Run it with ``writes.runner_options()``."""
     app = web.Application(middlewares=[access_middleware, error_middleware])
     app[STATE_KEY] = DataState(cache, config, metrics)
+    app.on_response_prepare.append(_add_instance_header)
     app.router.add_get("/healthz", healthz)
     app.router.add_route("*", "/files/{tail:[\\s\\S]*}", files)
     return app
@@ -106,6 +109,15 @@ def make_data_app(cache: FileCache, config: Config, metrics: Metrics) -> web.App
 
 # ---------------------------------------------------------------------------
 # Middleware
+
+
+# Unique to this run of the process: a client that fronts us (an upper
+# cachesvc tier) notices a restart that lost its unsynced writes.
+INSTANCE_ID = uuid.uuid4().hex
+
+
+async def _add_instance_header(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers[INSTANCE_HEADER] = INSTANCE_ID
 
 
 @web.middleware

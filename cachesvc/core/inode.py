@@ -51,7 +51,7 @@ from cachesvc.core.ranges import (
     union_ranges,
 )
 from cachesvc.core.writeback import DirtySnapshot
-from cachesvc.origins.base import OriginConflict, OriginError, OriginStat
+from cachesvc.origins.base import OriginConflict, OriginError, OriginStat, OriginUnsupported
 
 if TYPE_CHECKING:
     from cachesvc.core.cache import FileCache
@@ -443,6 +443,7 @@ class CachingInode:
         otherwise they are buffered in the cache (partial edge pages are
         filled from the origin first) and written back later.
         """
+        self._require_writable()
         view = memoryview(data).cast("B")
         if not view:
             return
@@ -458,6 +459,11 @@ class CachingInode:
                         continue
                     await self._write_locked(offset, view)
                     return
+
+    def _require_writable(self) -> None:
+        """Refuses changes the origin could never take (they would stay dirty forever)."""
+        if not self.origin.capabilities.writable:
+            raise OriginUnsupported(f"{self.origin.description} does not accept writes")
 
     def _partial_edge_pages(self, start: int, end: int) -> list[int]:
         """Pages partly covered by ``[start, end)`` that hold file bytes."""
@@ -535,6 +541,7 @@ class CachingInode:
         """Sets the size; cached bytes past it are dropped without write-back."""
         if size < 0:
             raise ValueError(f"negative size {size}")
+        self._require_writable()
         async with self.attr_mu:
             if not self._buffered:
                 # Written through, as the reference design does.
@@ -626,6 +633,7 @@ class CachingInode:
 
     async def allocate(self, offset: int, length: int) -> None:
         """Reserves ``[offset, offset+length)``, growing the file like fallocate."""
+        self._require_writable()
         end = offset + length
         async with self.attr_mu:
             if not self._buffered:
@@ -704,7 +712,7 @@ class CachingInode:
         if self._buffered:
             changed = [(r.start, r.end) for r in snapshot.changed()]
             return await self.origin.rewrite(
-                self.path, snapshot.size, changed, snapshot.read_changed
+                self.path, snapshot.size, changed, snapshot.read_changed, self._origin_etag
             )
         for rng in snapshot.dirty:
             await self.origin.write_from(self.path, rng.start, snapshot.views(rng))

@@ -50,6 +50,11 @@ class OriginConflict(OriginError):
     """The object changed at the origin while we were reading it (validator mismatch)."""
 
 
+def base_changed(path: str) -> OriginConflict:
+    """The error of a rewrite whose base version is no longer the origin's."""
+    return OriginConflict(f"{path!r} changed at the origin; the cached changes were not written")
+
+
 @dataclass(frozen=True, slots=True)
 class OriginStat:
     """Attributes of one origin file. Immutable."""
@@ -134,7 +139,12 @@ class Origin(Protocol):
         ...
 
     async def rewrite(
-        self, path: str, size: int, changed: Sequence[tuple[int, int]], read_changed: ChangedReader
+        self,
+        path: str,
+        size: int,
+        changed: Sequence[tuple[int, int]],
+        read_changed: ChangedReader,
+        base_etag: str | None = None,
     ) -> OriginStat:
         """Write a new version of ``path`` with length ``size``.
 
@@ -142,6 +152,8 @@ class Origin(Protocol):
         ``read_changed``; every other byte below the old size keeps its old
         value, and bytes past the old size read as zeros. Used for write-back
         to origins without partial_writes; atomic (old or new object, never a mix).
+        With ``base_etag``, raises OriginConflict unless the object's current
+        version is ``base_etag`` (the changes were made to that version).
         """
         ...
 

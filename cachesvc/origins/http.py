@@ -81,6 +81,10 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# Response header carrying a value unique to one run of a cachesvc process
+# (a write verifier): a lower tier that restarted has lost unsynced writes.
+INSTANCE_HEADER = "X-Cachesvc-Instance"
+
 READ_ONLY_MESSAGE = (
     "the HTTP origin is read-only; start cachesvc with --http-origin-writes "
     "if it accepts partial PUT"
@@ -164,6 +168,11 @@ class HttpOrigin:
         # between awaits (no lock needed).
         self._session: aiohttp.ClientSession | None = None
         self._closed = False  # Set by close(); never cleared.
+        # Per path with writes not yet synced: the origin instance that took
+        # the first of them, and the paths whose writes went to more than one
+        # instance (the origin restarted). Changed only between awaits.
+        self._unsynced: dict[str, str | None] = {}
+        self._restarted: set[str] = set()
 
     # ------------------------------------------------------------ properties
 
@@ -341,12 +350,12 @@ class HttpOrigin:
             "Content-Type": "application/octet-stream",
         }
         body: object = buffers[0] if len(buffers) == 1 else _iterate(buffers)
-        await self._write(self._url(path), "PUT", headers=headers, data=body)
+        await self._unsynced_write(path, self._url(path), "PUT", headers=headers, data=body)
         return total
 
     async def set_size(self, path: str, size: int) -> None:
         self._require_writes()
-        await self._write(self._url(path, query=f"truncate={size}"), "POST")
+        await self._unsynced_write(path, self._url(path, query=f"truncate={size}"), "POST")
 
     async def allocate(self, path: str, offset: int, length: int) -> None:
         """Grows the file to ``offset + length`` if shorter, like fallocate.
@@ -362,16 +371,32 @@ class HttpOrigin:
                 return
             url = self._url(path, query=f"truncate={end}")
             with contextlib.suppress(OriginConflict):
-                await self._write(url, "POST", headers=Validator.parse(stat.etag).headers())
+                headers = Validator.parse(stat.etag).headers()
+                await self._unsynced_write(path, url, "POST", headers=headers)
                 return
         raise OriginConflict(f"{path!r} kept changing while allocating at {self._base}")
 
     async def sync(self, path: str) -> None:
+        """Syncs ``path`` at the origin; fails if the origin restarted after
+        taking writes that were not yet synced (they may be lost), as an NFS
+        client does when the server's write verifier changes."""
         self._require_writes()
-        await self._write(self._url(path, query="fsync"), "POST")
+        instance = await self._write(self._url(path, query="fsync"), "POST")
+        first = self._unsynced.pop(path, instance)
+        restarted = path in self._restarted or first != instance
+        self._restarted.discard(path)
+        if restarted:
+            raise OriginUnavailable(
+                f"{self._base} restarted after taking unsynced writes to {path!r}; they may be lost"
+            )
 
     async def rewrite(
-        self, path: str, size: int, changed: Sequence[tuple[int, int]], read_changed: ChangedReader
+        self,
+        path: str,
+        size: int,
+        changed: Sequence[tuple[int, int]],
+        read_changed: ChangedReader,
+        base_etag: str | None = None,
     ) -> OriginStat:
         """Streams the whole new object in one PUT pinned to the old version (atomic)."""
         self._require_writes()
@@ -379,6 +404,10 @@ class HttpOrigin:
             old: OriginStat | None = await self.stat(path)
         except OriginNotFound:
             old = None
+        if base_etag is not None and (old is None or old.etag != base_etag):
+            raise OriginConflict(
+                f"{path!r} changed at the origin; the cached changes were not written"
+            )
         pin = Validator.parse(old.etag).headers() if old is not None else {"If-None-Match": "*"}
         headers = {"Content-Length": str(size), **pin}
         body = self._rewritten(path, size, changed, read_changed, old)
@@ -448,11 +477,31 @@ class HttpOrigin:
 
     async def _write(
         self, url: URL, method: str, *, headers: dict[str, str] | None = None, data: object = None
-    ) -> None:
-        """One non-idempotent request; any non-2xx answer is an error (no retries)."""
+    ) -> str | None:
+        """One non-idempotent request; any non-2xx answer is an error (no retries).
+
+        Returns the origin's instance verifier (INSTANCE_HEADER), if it sends one.
+        """
         async with self._exchange(method, url, headers=headers, data=data) as resp:
             if resp.status // 100 != 2:
                 raise await status_error(resp, method, url, write=True, pinned=True)
+            return resp.headers.get(INSTANCE_HEADER)
+
+    async def _unsynced_write(
+        self,
+        path: str,
+        url: URL,
+        method: str,
+        *,
+        headers: dict[str, str] | None = None,
+        data: object = None,
+    ) -> None:
+        """A write the origin may hold in memory until the next sync of ``path``:
+        remembers which instance of the origin took it."""  # fmt: skip
+        instance = await self._write(url, method, headers=headers, data=data)
+        first = self._unsynced.setdefault(path, instance)
+        if first != instance:
+            self._restarted.add(path)
 
     async def _streamed_put(
         self, url: URL, chunks: AsyncIterable[bytes | memoryview], headers: dict[str, str]

@@ -114,14 +114,21 @@ class InstrumentedOrigin:
         await self._call("sync", lambda: self.inner.sync(path))
 
     async def rewrite(
-        self, path: str, size: int, changed: Sequence[tuple[int, int]], read_changed: ChangedReader
+        self,
+        path: str,
+        size: int,
+        changed: Sequence[tuple[int, int]],
+        read_changed: ChangedReader,
+        base_etag: str | None = None,
     ) -> OriginStat:
         async def counted(offset: int, length: int) -> bytes | memoryview:
             data = await read_changed(offset, length)
             self._observer.transferred("out", len(data))
             return data
 
-        return await self._call("rewrite", lambda: self.inner.rewrite(path, size, changed, counted))
+        return await self._call(
+            "rewrite", lambda: self.inner.rewrite(path, size, changed, counted, base_etag)
+        )
 
     async def replace(self, path: str, chunks: AsyncIterable[bytes]) -> OriginStat:
         async def counted() -> AsyncIterator[bytes]:

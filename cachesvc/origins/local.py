@@ -323,11 +323,25 @@ class LocalOrigin:
         return await self._write_atomically(path, fill, keep_old=False)
 
     async def rewrite(
-        self, path: str, size: int, changed: Sequence[tuple[int, int]], read_changed: ChangedReader
+        self,
+        path: str,
+        size: int,
+        changed: Sequence[tuple[int, int]],
+        read_changed: ChangedReader,
+        base_etag: str | None = None,
     ) -> OriginStat:
         if size < 0:
             raise ValueError(f"negative size {size}")
         _check_changed(size, changed)
+        if base_etag is not None:
+            try:
+                current = (await self.stat(path)).etag
+            except OriginNotFound:
+                current = None
+            if current != base_etag:
+                raise OriginConflict(
+                    f"{path!r} changed at the origin; the cached changes were not written"
+                )
 
         async def fill(temp: TempFile) -> None:
             await self._temp_job(path, temp, copy_old, size)

@@ -405,7 +405,12 @@ class S3Origin:
         """Nothing to do: an object is durable once its write returned."""
 
     async def rewrite(
-        self, path: str, size: int, changed: Sequence[tuple[int, int]], read_changed: ChangedReader
+        self,
+        path: str,
+        size: int,
+        changed: Sequence[tuple[int, int]],
+        read_changed: ChangedReader,
+        base_etag: str | None = None,
     ) -> OriginStat:
         """Writes the new object; old bytes are read (or copied) at the old etag.
 
@@ -415,6 +420,10 @@ class S3Origin:
         """
         key = self._key(path)
         old = await self._head_or_none(key)
+        if base_etag is not None and (old is None or old.etag != base_etag):
+            raise OriginConflict(
+                f"{path!r} changed at the origin; the cached changes were not written"
+            )
         source = RewriteSource(self, key, old, clip_changed(changed, size), read_changed)
         if size <= self.small_object_limit:
             await self._put(key, bytes(await source.assemble(0, size)))

@@ -84,10 +84,15 @@ class TestOrigin:
         await self.inner.sync(path)
 
     async def rewrite(
-        self, path: str, size: int, changed: Sequence[tuple[int, int]], read_changed: ChangedReader
+        self,
+        path: str,
+        size: int,
+        changed: Sequence[tuple[int, int]],
+        read_changed: ChangedReader,
+        base_etag: str | None = None,
     ) -> OriginStat:
         await self._enter("rewrite", write=True)
-        return await self.inner.rewrite(path, size, changed, read_changed)
+        return await self.inner.rewrite(path, size, changed, read_changed, base_etag)
 
     async def replace(self, path: str, chunks: AsyncIterable[bytes]) -> OriginStat:
         await self._enter("replace", write=True)

@@ -98,7 +98,10 @@ def _wait_ready(server: PrometheusServer, timeout: float) -> None:
             with urllib.request.urlopen(f"{server.url}/-/ready", timeout=2) as resp:
                 if resp.status == 200:
                     return
-        except (urllib.error.URLError, OSError) as exc:
+        except urllib.error.HTTPError as exc:
+            exc.close()  # not ready yet (503)
+            last = exc
+        except OSError as exc:
             last = exc
         time.sleep(0.1)
     raise TimeoutError(f"prometheus not ready within {timeout}s: {last}")

@@ -40,6 +40,7 @@ def wait_for_http(
                 if resp.status < 500:
                     return
         except urllib.error.HTTPError as exc:
+            exc.close()
             if exc.code < 500:
                 return
             last = exc
