@@ -11,8 +11,8 @@ The tools (docker-compose, nginx, promtool) are installed by `make test`
 through scripts/install-system-deps.sh when it runs as root; a missing tool
 skips its test only when not root, and fails it otherwise.
 
-`render_nginx_conf` and `render_prometheus_config` are the renderers a live
-topology test uses to run these files against nodes on 127.0.0.1.
+The readers and renderers of these files (tests/support/deploy.py) are shared
+with test_topology.py, which runs the same files as a live stack on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -21,8 +21,6 @@ import json
 import os
 import re
 import shlex
-import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -36,59 +34,29 @@ from typing import Any
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
-DOCKER = REPO / "docker"
-COMPOSE_FILE = DOCKER / "docker-compose.yml"
-NODES = ("cachesvc1", "cachesvc2", "cachesvc3")
+from tests.support.deploy import (
+    ADMIN_PORT,
+    COMPOSE_FILE,
+    DATA_PORT,
+    DESIGN_METRICS,
+    DOCKER,
+    HISTOGRAMS,
+    NODES,
+    REPO,
+    TARGET_LABELS,
+    dashboard_panels,
+    dashboard_queries,
+    grafana_to_promql,
+    load_dashboard,
+    metric_names,
+    render_nginx_conf,
+    render_prometheus_config,
+    require_tool,
+    selector_labels,
+)
+from tests.support.servers import free_port
+
 SERVICES = {"minio", "createbucket", *NODES, "lb", "prometheus", "grafana"}
-DATA_PORT = 8080
-ADMIN_PORT = 9090
-
-# The metric names and labels DESIGN.md ("Metrics") fixes, hard-coded so the
-# dashboard is checked against the contract without a running server; a live
-# test compares the same dashboard against a real /metrics.
-DESIGN_METRICS: dict[str, frozenset[str]] = {
-    # Gauges.
-    "cachesvc_memory_committed_bytes": frozenset({"kind"}),
-    "cachesvc_memory_mapped_bytes": frozenset(),
-    "cachesvc_memory_evictable_bytes": frozenset(),
-    "cachesvc_memory_dirty_bytes": frozenset(),
-    "cachesvc_memory_allocated_bytes": frozenset(),
-    "cachesvc_memory_file_size_bytes": frozenset(),
-    "cachesvc_memory_limit_bytes": frozenset(),
-    "cachesvc_open_files": frozenset(),
-    # Counters.
-    "cachesvc_cache_hit_bytes_total": frozenset(),
-    "cachesvc_cache_miss_bytes_total": frozenset(),
-    "cachesvc_origin_requests_total": frozenset({"op", "outcome"}),
-    "cachesvc_origin_bytes_total": frozenset({"direction"}),
-    "cachesvc_evictions_total": frozenset(),
-    "cachesvc_evicted_bytes_total": frozenset(),
-    "cachesvc_reclaimed_bytes_total": frozenset(),
-    "cachesvc_writeback_bytes_total": frozenset(),
-    "cachesvc_writeback_errors_total": frozenset(),
-    "cachesvc_http_requests_total": frozenset({"method", "status"}),
-    # Histograms (queried through their _bucket/_sum/_count series).
-    "cachesvc_http_request_duration_seconds": frozenset({"method"}),
-    "cachesvc_origin_request_duration_seconds": frozenset({"op"}),
-}
-HISTOGRAMS = {"cachesvc_http_request_duration_seconds", "cachesvc_origin_request_duration_seconds"}
-# Labels Prometheus attaches to every scraped series.
-TARGET_LABELS = frozenset({"instance", "job"})
-
-
-def require_tool(name: str) -> str:
-    """Path of a system tool; skip when absent and not root, fail when root."""
-    path = shutil.which(name)
-    for directory in ("/usr/sbin", "/usr/local/sbin"):
-        candidate = Path(directory) / name
-        if path is None and candidate.is_file() and os.access(candidate, os.X_OK):
-            path = str(candidate)
-    if path is not None:
-        return path
-    if os.geteuid() != 0:
-        pytest.skip(f"{name} is not installed and we are not root to install it")
-    pytest.fail(f"{name} is missing; `make test` installs it via scripts/install-system-deps.sh")
 
 
 def run_tool(
@@ -100,55 +68,6 @@ def run_tool(
     )
     assert proc.returncode == 0, f"{' '.join(argv)} failed:\n{proc.stdout}{proc.stderr}"
     return proc.stdout
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-# --- Renderers for tests on 127.0.0.1 --------------------------------------------------
-
-_NGINX_SERVER = re.compile(r"^(\s*server\s+)cachesvc\d+:\d+(\s[^;]*)?;", re.MULTILINE)
-_NGINX_LISTEN = re.compile(r"^(\s*listen\s+)\d+;", re.MULTILINE)
-
-
-def render_nginx_conf(
-    text: str, servers: Sequence[str], listen: str, temp_dir: Path | None = None
-) -> str:
-    """docker/nginx.conf with its `server cachesvcN:8080` lines replaced by
-    `servers` (host:port, in order, one per node line), `listen 8080;` by
-    `listen`, and nginx's temporary files under `temp_dir` when given.
-
-    Run the result with `-g 'pid <file>;'`: the file sets no pid path."""
-    found = len(_NGINX_SERVER.findall(text))
-    if found != len(servers):
-        raise ValueError(f"nginx.conf has {found} node lines, {len(servers)} servers given")
-    addresses = iter(servers)
-    text = _NGINX_SERVER.sub(lambda m: f"{m[1]}{next(addresses)}{m[2] or ''};", text)
-    text, listens = _NGINX_LISTEN.subn(lambda m: f"{m[1]}{listen};", text)
-    if listens != 1:
-        raise ValueError(f"nginx.conf has {listens} `listen <port>;` lines, expected 1")
-    if temp_dir is not None:
-        paths = (
-            f"    client_body_temp_path {temp_dir / 'client_body'};\n"
-            f"    proxy_temp_path {temp_dir / 'proxy'};\n"
-        )
-        text = text.replace("http {\n", "http {\n" + paths, 1)
-    return text
-
-
-def render_prometheus_config(text: str, targets: Mapping[str, str]) -> str:
-    """docker/prometheus.yml with each node's scrape target (`"cachesvcN:9090"`)
-    replaced by targets[node] (host:port); node names (the instance label) stay."""
-    for node, address in targets.items():
-        old = f'targets: ["{node}:{ADMIN_PORT}"]'
-        if text.count(old) != 1:
-            raise ValueError(f"prometheus.yml has no single {old!r}")
-        text = text.replace(old, f'targets: ["{address}"]')
-    return text
 
 
 # --- Compose ---------------------------------------------------------------------------
@@ -409,53 +328,6 @@ def test_prometheus_config_and_dashboard_queries_pass_promtool(tmp_path: Path) -
 # --- Grafana ---------------------------------------------------------------------------
 
 
-def load_dashboard() -> dict[str, Any]:
-    dashboard = json.loads((DOCKER / "grafana" / "dashboards" / "cachesvc.json").read_text())
-    assert isinstance(dashboard, dict)
-    return dashboard
-
-
-def dashboard_panels(dashboard: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
-    for panel in dashboard["panels"]:
-        yield panel
-        yield from panel.get("panels", [])
-
-
-def dashboard_queries(dashboard: Mapping[str, Any]) -> list[str]:
-    """PromQL of every panel target and query variable."""
-    queries = [
-        target["expr"]
-        for panel in dashboard_panels(dashboard)
-        for target in panel.get("targets", [])
-    ]
-    for var in dashboard.get("templating", {}).get("list", []):
-        if var["type"] == "query":
-            query = var["query"]
-            text = query["query"] if isinstance(query, dict) else query
-            match = re.fullmatch(r"label_values\((\w+),\s*\w+\)", text)
-            queries.append(match[1] if match else text)
-    return queries
-
-
-def grafana_to_promql(expr: str) -> str:
-    """Grafana's template variables replaced by values PromQL accepts."""
-    return (
-        expr.replace("$__rate_interval", "1m")
-        .replace("$__interval", "15s")
-        .replace("$instance", ".*")
-    )
-
-
-def metric_names(expr: str) -> set[str]:
-    """The DESIGN metric names an expression uses (histogram series suffixes
-    stripped)."""
-    names = set()
-    for name in re.findall(r"\bcachesvc_[a-z_]+", expr):
-        base = re.sub(r"_(bucket|sum|count)$", "", name)
-        names.add(base if base in HISTOGRAMS else name)
-    return names
-
-
 def test_dashboard_uses_only_design_metrics_and_labels() -> None:
     dashboard = load_dashboard()
     queries = dashboard_queries(dashboard)
@@ -467,8 +339,7 @@ def test_dashboard_uses_only_design_metrics_and_labels() -> None:
         assert not unknown, f"not in DESIGN.md's metric list: {unknown} in {expr}"
         used |= names
         allowed = set(TARGET_LABELS).union(*(DESIGN_METRICS[n] for n in names))
-        for metric, selector in re.findall(r"\b(cachesvc_[a-z_]+)\{([^}]*)\}", expr):
-            labels = set(re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", selector))
+        for metric, labels in selector_labels(expr).items():
             assert labels <= allowed, f"{metric}: unknown labels {labels - allowed}"
         if any(n in HISTOGRAMS for n in names):
             allowed.add("le")
