@@ -216,10 +216,11 @@ class CachingInode:
         await self.data_mu.acquire_read()
         try:
             data = self._copy_cached_locked(offset, length)
+            if data is not None:
+                self._note_access(offset, length)
+                self._read_ahead_locked(page_up(offset + len(data)))
         finally:
             self.data_mu.release_read()
-        if data is not None:
-            self._note_access(offset, length)
         return data
 
     def _copy_cached_locked(self, offset: int, length: int) -> bytes | None:
@@ -277,6 +278,7 @@ class CachingInode:
                             self, pages, self._add_mapping_locked(pages), offset, end - offset
                         )
                         mapping.missed = missed
+                        self._read_ahead_locked(pages.end)
                         return mapping
                     if first_pass:
                         missed = sum(g.intersect(Range(offset, end)).length for g in gaps)
@@ -288,11 +290,41 @@ class CachingInode:
             first_pass = False
             await asyncio.gather(*waits)
 
+    def _read_ahead_locked(self, end: int) -> None:
+        """On sequential access, starts a fill (not awaited) of the next window
+        once the reader is within a window of what is neither cached nor being
+        filled, so the origin is read while the caller sends what it has. Like
+        the kernel's asynchronous readahead marker.
+
+        Preconditions: data_mu is held (for reading suffices).
+        """
+        window = self._ra_window
+        if window <= MIN_READAHEAD:
+            return
+        size_end = page_up(self.attr.size)
+        lookahead = Range(end, min(end + window, size_end))
+        if lookahead.is_empty:
+            return
+        missing = self.cache_set.gaps(lookahead)
+        for fill in self._fills:
+            missing = [p for gap in missing for p in subtract_range(gap, fill.range)]
+        if not missing:
+            return
+        start = missing[0].start
+        ahead = Range(start, min(start + window, size_end))
+        plan = plan_fills(self.cache_set.gaps(ahead), self._fills, self.cache_set, size_end,
+                          ahead.end, 0)  # fmt: skip
+        for rng in plan.new:
+            self._start_fill(rng)
+
     def _note_access(self, offset: int, length: int) -> None:
+        """Updates the readahead window: it doubles on sequential access, and
+        restarts at 64 KiB (or the request's own size, for large requests,
+        which stream) on a seek."""
         if offset == self._ra_next:
             self._ra_window = min(self._ra_window * 2, self.cache.readahead)
         else:
-            self._ra_window = MIN_READAHEAD
+            self._ra_window = min(max(MIN_READAHEAD, page_up(length)), self.cache.readahead)
         self._ra_next = offset + length
 
     def _start_fills_locked(
