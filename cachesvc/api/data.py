@@ -19,6 +19,7 @@ path, status, body bytes sent, duration and cache hit/miss, and counted in
 
 from __future__ import annotations
 
+import functools
 import html
 import json
 import logging
@@ -142,22 +143,23 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
         seconds = time.monotonic() - started
         method = request.method if request.method in KNOWN_METHODS else "OTHER"
         request.app[STATE_KEY].metrics.observe_request(method, status, seconds)
-        path = request.rel_url.raw_path_qs[:1024]
-        access_log.info(
-            "%s %s %d",
-            method,
-            path,
-            status,
-            extra={
-                "method": method,
-                "path": path,
-                "status": status,
-                "bytes": sent,
-                "duration": round(seconds, 6),
-                "cache": transfer.cache_status,
-                **({"aborted": transfer.aborted} if transfer.aborted else {}),
-            },
-        )
+        if access_log.isEnabledFor(logging.INFO):  # skip building the record
+            path = request.rel_url.raw_path_qs[:1024]
+            access_log.info(
+                "%s %s %d",
+                method,
+                path,
+                status,
+                extra={
+                    "method": method,
+                    "path": path,
+                    "status": status,
+                    "bytes": sent,
+                    "duration": round(seconds, 6),
+                    "cache": transfer.cache_status,
+                    **({"aborted": transfer.aborted} if transfer.aborted else {}),
+                },
+            )
 
 
 # ---------------------------------------------------------------------------
@@ -260,6 +262,7 @@ def _sync_requested(request: web.Request) -> bool:
     return value in _TRUE
 
 
+@functools.lru_cache(maxsize=4096)
 def _content_type(path: str) -> str:
     return mimetypes.guess_type(path, strict=False)[0] or "application/octet-stream"
 

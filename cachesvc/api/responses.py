@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -85,19 +86,26 @@ class Snapshot:
 
     @property
     def etag(self) -> str:
-        return format_etag(self.token)
+        return _validators(self.token, self.mtime)[0]
 
     @property
     def last_modified(self) -> str:
-        return format_http_date(self.mtime)
+        return _validators(self.token, self.mtime)[1]
 
     def headers(self) -> dict[str, str]:
         """The validator headers every file response carries."""
-        return {
-            "Accept-Ranges": "bytes",
-            "ETag": self.etag,
-            "Last-Modified": self.last_modified,
-        }
+        etag, last_modified = _validators(self.token, self.mtime)
+        return {"Accept-Ranges": "bytes", "ETag": etag, "Last-Modified": last_modified}
+
+
+@functools.lru_cache(maxsize=4096)
+def _validators(token: str, mtime: float) -> tuple[str, str]:
+    """The ``ETag`` and ``Last-Modified`` values of one version of a file.
+
+    Formatted once per version rather than once per response: formatting
+    the date took about 5% of the time of a small cached GET.
+    """
+    return format_etag(token), format_http_date(mtime)
 
 
 @dataclass(slots=True)
@@ -173,38 +181,50 @@ async def _map_exact(inode: CachingInode, rng: Range, snap: Snapshot) -> Mapping
 
 async def small_body(
     inode: CachingInode, snap: Snapshot, plan: BodyPlan, transfer: Transfer
-) -> bytearray:
+) -> bytes | bytearray:
     """The whole body of a small ``plan``, copied out of the cache.
 
-    Raises SnapshotChanged if the file changed before the copy was complete.
+    A body of one range is that range's copy itself; a multipart body is
+    assembled in one buffer. Raises SnapshotChanged if the file changed
+    before the copy was complete.
     """
-    body = bytearray(plan.length)
-    out = memoryview(body)
-    pos = 0
-    for piece in plan.pieces:
-        if isinstance(piece, bytes):
-            out[pos : pos + len(piece)] = piece
-            pos += len(piece)
-            continue
-        cached = await inode.read_cached(piece.start, piece.length)
-        if cached is not None and len(cached) == piece.length:
-            # Cached: one copy under data_mu, no mapping bookkeeping.
-            transfer.note_hit()
-            out[pos : pos + piece.length] = cached
-            pos += piece.length
-            continue
-        mapping = await _map_exact(inode, piece, snap)
-        try:
-            transfer.note(mapping)
-            for view in mapping.views():
-                out[pos : pos + len(view)] = view
-                pos += len(view)
-        finally:
-            await mapping.release()
+    pieces = plan.pieces
+    body: bytes | bytearray
+    if len(pieces) == 1 and isinstance(pieces[0], Range):
+        body = await _range_bytes(inode, pieces[0], snap, transfer)
+    else:
+        body = bytearray(plan.length)
+        out = memoryview(body)
+        pos = 0
+        for piece in pieces:
+            data = (
+                piece
+                if isinstance(piece, bytes)
+                else await _range_bytes(inode, piece, snap, transfer)
+            )
+            out[pos : pos + len(data)] = data
+            pos += len(data)
     # The copy saw one version only if no write came in meanwhile.
     if inode.attr.etag != snap.token:
         raise SnapshotChanged(f"{inode.path} changed while being read")
     return body
+
+
+async def _range_bytes(
+    inode: CachingInode, rng: Range, snap: Snapshot, transfer: Transfer
+) -> bytes:
+    """A copy of ``rng``: from the cache under data_mu, or through a mapping on a miss."""
+    cached = await inode.read_cached(rng.start, rng.length)
+    if cached is not None and len(cached) == rng.length:
+        # Cached: one copy under data_mu, no mapping bookkeeping.
+        transfer.note_hit()
+        return cached
+    mapping = await _map_exact(inode, rng, snap)
+    try:
+        transfer.note(mapping)
+        return b"".join(mapping.views())
+    finally:
+        await mapping.release()
 
 
 class _Streamer:
