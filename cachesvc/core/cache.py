@@ -336,7 +336,7 @@ class FileCache:
     async def pin(self, path: str, start: int, end: int) -> int:
         """Pins ``[start, end)`` of ``path`` in the cache; returns bytes pinned."""
         async with self.open(path) as inode:
-            mapping = await inode.map_range(start, end - start)
+            mapping = await inode.map_range(start, end - start, pin=True)
         self._pins.setdefault((path, start, end), []).append(mapping)
         return mapping.length
 

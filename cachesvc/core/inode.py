@@ -126,6 +126,9 @@ class CachingInode:
         self._fill_tasks: set[asyncio.Task[None]] = set()
         # Generation of the newest write. Protected by data_mu.
         self._write_gen = 0
+        # Bumped by every eviction call and unpin: a response mapping released
+        # after it re-registers its pages as evictable. Protected by the event loop.
+        self._evictability_gen = 0
         # Readahead state (only a hint; races are harmless). Protected by the event loop.
         self._ra_next = -1
         self._ra_window = MIN_READAHEAD
@@ -250,10 +253,13 @@ class CachingInode:
         self.cache.counters.hit_bytes += end - offset
         return b"".join(views)
 
-    async def map_range(self, offset: int, length: int) -> Mapping:
+    async def map_range(self, offset: int, length: int, *, pin: bool = False) -> Mapping:
         """Caches ``[offset, offset+length)`` (clipped to the size) and maps it.
 
-        The caller must ``await mapping.release()``. Gaps are filled from the
+        The caller must ``await mapping.release()``. A ``pin`` also takes the
+        pages off the MemoryFile's evictable set for as long as it lasts; a
+        short-lived mapping (a response) leaves them there, since eviction
+        skips mapped pages anyway. Gaps are filled from the
         origin, with readahead for sequential access; fills already in flight
         for the range are shared, and no lock is held while the origin reads.
         """
@@ -268,14 +274,15 @@ class CachingInode:
                 try:
                     end = min(offset + length, self.attr.size)
                     if offset >= end:
-                        return Mapping(self, Range(0, 0), [], offset, 0)
+                        return Mapping(self, Range(0, 0), [], offset, 0, pin, 0)
                     pages = page_range(offset, end)
                     gaps = self.cache_set.gaps(pages)
                     if not gaps:
                         if first_pass:
                             self.cache.counters.hit_bytes += end - offset
+                        memory = self._add_mapping_locked(pages, pin)
                         mapping = Mapping(
-                            self, pages, self._add_mapping_locked(pages), offset, end - offset
+                            self, pages, memory, offset, end - offset, pin, self._evictability_gen
                         )
                         mapping.missed = missed
                         self._read_ahead_locked(pages.end)
@@ -433,7 +440,7 @@ class CachingInode:
             pieces.append((part.start, Range(start, start + part.length)))
         return pieces
 
-    def _add_mapping_locked(self, pages: Range) -> MemoryPieces:
+    def _add_mapping_locked(self, pages: Range, pin: bool) -> MemoryPieces:
         """Maps cached ``pages``: counts them mapped and references their memory.
 
         Preconditions: maps_mu is held; data_mu is held; ``pages`` is cached.
@@ -441,26 +448,48 @@ class CachingInode:
         memory = self._memory_pieces_locked(pages)
         for _, mem in memory:
             self.memfile.inc_ref(mem)
-        newly_mapped = self.mappings.gaps(pages)
-        self.mappings.update(pages, lambda _r, count: count + 1)
-        for rng in newly_mapped:
-            self.mappings.insert(rng, 1)
-            self.memfile.mark_unevictable(self, rng)
-            self.cache.counters.mapped_bytes += rng.length
+        if not self.mappings.segments(pages):
+            # The common case: nothing else maps these pages.
+            self.mappings.insert(pages, 1)
+            self.cache.counters.mapped_bytes += pages.length
+        else:
+            newly_mapped = self.mappings.gaps(pages)
+            self.mappings.update(pages, lambda _r, count: count + 1)
+            for rng in newly_mapped:
+                self.mappings.insert(rng, 1)
+                self.cache.counters.mapped_bytes += rng.length
+        if pin:
+            self.memfile.mark_unevictable(self, pages)
         return memory
 
-    async def remove_mapping(self, pages: Range, memory: MemoryPieces) -> None:
-        """Undoes _add_mapping_locked (called by Mapping.release)."""
+    async def remove_mapping(
+        self, pages: Range, memory: MemoryPieces, pinned: bool, evictability_gen: int
+    ) -> None:
+        """Undoes _add_mapping_locked (called by Mapping.release).
+
+        Pages no longer mapped become evictable again if the mapping was a
+        pin, or if an eviction or unpin since the mapping was taken may have
+        taken them off the evictable set.
+        """
         for _, mem in memory:
             self.memfile.dec_ref(mem)
         if pages.is_empty:
             return
         async with self.maps_mu, self.data_mu.reading():
-            self.mappings.update(pages, lambda _r, count: count - 1)
-            for rng, count in self.mappings.segments(pages):
-                if count == 0:
+            segments = self.mappings.segments(pages)
+            if all(count == 1 for _, count in segments):
+                self.mappings.remove(pages)
+                released = [pages]
+            else:
+                self.mappings.update(pages, lambda _r, count: count - 1)
+                released = [rng for rng, count in self.mappings.segments(pages) if count == 0]
+                for rng in released:
                     self.mappings.remove(rng)
-                    self.cache.counters.mapped_bytes -= rng.length
+            self.cache.counters.mapped_bytes -= sum(rng.length for rng in released)
+            if pinned:
+                self._evictability_gen += 1
+            if pinned or evictability_gen != self._evictability_gen:
+                for rng in released:
                     for seg, _ in self.cache_set.segments(rng):
                         self.memfile.mark_evictable(self, seg.intersect(rng))
         self.cache.forget_if_idle(self)
@@ -792,6 +821,7 @@ class CachingInode:
         """Drops cached pages of ``rng``: mapped pages are skipped; dirty ones
         are written back first and kept if that fails (EvictableUser)."""
         rng = page_range(rng.start, rng.end)
+        self._evictability_gen += 1
         if self.dirty.segments(rng):
             try:
                 await self.writeback()

@@ -27,22 +27,36 @@ class MappingOwner(Protocol):
     @property
     def memfile(self) -> MemoryFile: ...
 
-    async def remove_mapping(self, pages: Range, memory: MemoryPieces) -> None: ...
+    async def remove_mapping(
+        self, pages: Range, memory: MemoryPieces, pinned: bool, evictability_gen: int
+    ) -> None: ...
 
 
 class Mapping:
     """Cached bytes ``[offset, offset+length)`` of one file, held until released."""
 
-    __slots__ = ("_memory", "_owner", "_pages", "_released", "length", "missed", "offset")
+    __slots__ = (
+        "_evictability_gen", "_memory", "_owner", "_pages", "_released", "length", "missed",
+        "offset", "pinned",
+    )  # fmt: skip
 
     def __init__(
-        self, owner: MappingOwner, pages: Range, memory: MemoryPieces, offset: int, length: int
+        self,
+        owner: MappingOwner,
+        pages: Range,
+        memory: MemoryPieces,
+        offset: int,
+        length: int,
+        pinned: bool,
+        evictability_gen: int,
     ) -> None:
         self._owner = owner  # Immutable.
         self._pages = pages  # page-aligned file range covered. Immutable.
         self._memory = memory  # pieces covering _pages, each referenced once. Immutable.
         self.offset = offset  # first mapped byte. Immutable.
         self.length = length  # number of mapped bytes. Immutable.
+        self.pinned = pinned  # an operator pin (off the evictable set). Immutable.
+        self._evictability_gen = evictability_gen  # the owner's, when mapped. Immutable.
         self.missed = 0  # bytes that had to be filled from the origin for this mapping
         self._released = False
 
@@ -87,4 +101,6 @@ class Mapping:
         if self._released:
             return
         self._released = True
-        await self._owner.remove_mapping(self._pages, self._memory)
+        await self._owner.remove_mapping(
+            self._pages, self._memory, self.pinned, self._evictability_gen
+        )
