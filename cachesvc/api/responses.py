@@ -58,7 +58,7 @@ log = logging.getLogger("cachesvc.api")
 # Bodies up to this size are copied and sent with the headers in one write.
 SMALL_BODY = 256 << 10
 # Bytes mapped (and held) per step of a streamed body.
-CHUNK = 1 << 20
+CHUNK = 4 << 20
 # A streamed response whose client takes longer than this to accept one
 # chunk is aborted.
 SEND_IDLE_TIMEOUT = 60.0
