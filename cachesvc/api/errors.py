@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from cachesvc.api.paths import BadPath
-from cachesvc.core.errors import CacheFull, NotAFile
+from cachesvc.core.errors import CacheFull
 from cachesvc.core.memfile import MemoryFileFull
 from cachesvc.origins.base import (
     OriginConflict,
@@ -47,7 +47,6 @@ class ApiError(Exception):
 ERROR_TABLE: tuple[tuple[type[Exception], int, str], ...] = (
     (BadPath, 400, "bad_path"),
     (OriginNotFound, 404, "not_found"),
-    (NotAFile, 404, "not_found"),
     (OriginPermissionDenied, 403, "forbidden"),
     (OriginUnsupported, 405, "not_supported"),
     (OriginNoSpace, 507, "insufficient_storage"),

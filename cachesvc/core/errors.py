@@ -9,7 +9,3 @@ class CacheError(Exception):
 
 class CacheFull(CacheError):
     """No memory is left for new dirty data: write-back is failing or too slow."""
-
-
-class NotAFile(CacheError):
-    """The path names something other than a regular file."""

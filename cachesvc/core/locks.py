@@ -117,8 +117,7 @@ class OrderedLock:
 class RWLock:
     """A writer-preferring asyncio reader-writer lock with a rank.
 
-    Readers share the lock; a writer holds it alone. ``downgrade()`` turns a
-    held write lock into a read lock without letting another writer in.
+    Readers share the lock; a writer holds it alone.
     """
 
     def __init__(self, name: str, rank: int, owner: object) -> None:
@@ -205,16 +204,6 @@ class RWLock:
         if _checking:
             _note_release(self._owner, self._rank)
         self._wake()
-
-    def downgrade(self) -> None:
-        """Turns the held write lock into a read lock."""
-        if not self._writer:
-            raise RuntimeError(f"{self.name}: downgrade of a lock not held for writing")
-        self._writer = False
-        self._readers += 1
-        # Let queued readers in, but not writers (we still read).
-        while self._read_waiters and not self._write_waiters:
-            self._grant_reader()
 
     def _grant_reader(self) -> None:
         fut = self._read_waiters.popleft()

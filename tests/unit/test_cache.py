@@ -296,3 +296,19 @@ async def test_replace_and_remove(tmp_path: Path) -> None:
         with pytest.raises(OriginNotFound):
             async with rig.cache.open("f.bin"):
                 pass
+
+
+@pytest.mark.parametrize("buffered", [False, True], ids=["partial", "buffered"])
+async def test_allocate_grows_the_file_with_zeros(tmp_path: Path, buffered: bool) -> None:
+    root = tmp_path / "o"
+    data = make_file(root, "f.bin", 5000)
+    async with cache_rig(root, buffered=buffered) as rig, rig.cache.open("f.bin") as inode:
+        etag = inode.attr.etag
+        await inode.allocate(4000, 20_000)
+        assert inode.attr.size == 24_000
+        assert inode.attr.etag != etag
+        await inode.allocate(0, 100)  # inside the file: no change
+        assert inode.attr.size == 24_000
+        assert await inode.read(0, 30_000) == data + bytes(19_000)
+        await inode.fsync()
+        assert (root / "f.bin").read_bytes() == data + bytes(19_000)

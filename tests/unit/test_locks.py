@@ -111,19 +111,6 @@ async def test_cancelled_writer_lets_queued_readers_in() -> None:
     assert not lock.held
 
 
-async def test_downgrade_keeps_writers_out() -> None:
-    lock = RWLock("data_mu", 3, object())
-    await lock.acquire_write()
-    w = asyncio.create_task(lock.acquire_write())
-    await asyncio.sleep(0)
-    lock.downgrade()
-    await asyncio.sleep(0)
-    assert not w.done() and lock.held_for_reading
-    lock.release_read()
-    await asyncio.wait_for(w, 1)
-    lock.release_write()
-
-
 async def test_release_of_unheld_lock_is_an_error() -> None:
     lock = RWLock("data_mu", 3, object())
     with pytest.raises(RuntimeError):
