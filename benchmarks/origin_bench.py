@@ -43,13 +43,12 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.origin_peers import (
+    NGINX_AUTOINDEX,
     LatencyProxy,
-    Peer,
-    cachesvc_server,
-    nginx_server,
     rclone_http_server,
     rclone_version,
 )
+from benchmarks.peers import Peer, cachesvc_server, nginx_server
 
 MiB = 1 << 20
 FILE_NAME = "big.bin"
@@ -119,7 +118,7 @@ def run_peer(name: str, nginx: Peer, work: Path, expected_sha: str) -> Figures:
     with LatencyProxy(nginx.port, ORIGIN_DELAY) as proxy:
         if name == "cachesvc":
             args = ["--log-level", "warning", "--cache-size", "512MiB"]
-            with cachesvc_server(proxy.url, args, logs / "cachesvc.log") as peer:
+            with cachesvc_server(proxy.url, args, log_path=logs / "cachesvc.log") as peer:
                 return measure(peer, proxy, expected_sha)
         cache_dir = Path(tempfile.mkdtemp(prefix="rclone-cache-", dir=work))
         try:
@@ -143,7 +142,7 @@ def main(rounds: int = ROUNDS) -> dict[str, Any]:
         expected_sha = hashlib.sha256(data).hexdigest()
         del data
         results: dict[str, list[Figures]] = {"cachesvc": [], "rclone": []}
-        with nginx_server(root) as nginx:
+        with nginx_server(root, extra_conf=NGINX_AUTOINDEX) as nginx:
             order = ["cachesvc", "rclone"]
             for _round in range(rounds):
                 for name in order:

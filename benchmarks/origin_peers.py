@@ -1,12 +1,9 @@
-"""The processes of the origin benchmark: nginx, a latency proxy, cachesvc, rclone.
+"""The origin benchmark's own peers: a latency proxy and ``rclone serve http``.
 
-Self-contained on purpose (no import of :mod:`benchmarks.peers`, which the
-load benchmarks own): :func:`nginx_server` (one worker, sendfile, HTML
-autoindex, which rclone's HTTP remote lists), :func:`cachesvc_server` and
-:func:`rclone_http_server` are context managers that start one process on a
-free 127.0.0.1 port, wait (bounded) until it answers, yield a :class:`Peer`
-and stop it by PID (SIGTERM, or SIGQUIT for nginx; then SIGKILL of its
-process group).
+The rest (nginx, cachesvc, :class:`~benchmarks.peers.Peer`, free ports,
+bounded waits, stopping) comes from :mod:`benchmarks.peers`. nginx is the
+origin there, with :data:`NGINX_AUTOINDEX` in its server block: rclone's
+HTTP remote lists directories from the HTML autoindex.
 
 :class:`LatencyProxy` is an HTTP/1.1-aware TCP proxy run in a child process
 (so its forwarding shares an interpreter with neither the client nor the
@@ -15,190 +12,31 @@ delay before forwarding them, like a distant origin, and counts the requests
 and the response bytes passing through. Request bodies must carry a
 ``Content-Length`` (the benchmark's clients only read).
 
-rclone's remote is given as a connection string (no rclone config file).
-Every wait has a timeout.
+:func:`rclone_http_server` is a context manager that starts rclone on a free
+127.0.0.1 port in its own session, waits (bounded) until the port opens,
+yields a :class:`~benchmarks.peers.Peer` and stops rclone by PID (SIGTERM,
+then SIGKILL of its process group). Its remote is given as a connection
+string (no rclone config file).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import getpass
 import multiprocessing
 import multiprocessing.synchronize
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import tempfile
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator
 from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
 
-NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+from benchmarks.peers import STOP_TIMEOUT, Peer, free_port, stop_process, wait_for_port
+
 RCLONE = shutil.which("rclone") or "/usr/bin/rclone"
-START_TIMEOUT = 30.0
-STOP_TIMEOUT = 15.0
+NGINX_AUTOINDEX = "location / { autoindex on; }"
 _READ_PIECE = 1 << 20
-
-_NGINX_CONF = """\
-daemon off;
-master_process on;
-worker_processes 1;
-{user}
-pid {work}/nginx.pid;
-error_log {work}/error.log warn;
-events {{ worker_connections 256; }}
-http {{
-    access_log off;
-    client_body_temp_path {work}/client_body;
-    proxy_temp_path {work}/proxy;
-    fastcgi_temp_path {work}/fastcgi;
-    uwsgi_temp_path {work}/uwsgi;
-    scgi_temp_path {work}/scgi;
-    default_type application/octet-stream;
-    sendfile on;
-    keepalive_requests 100000;
-    server {{
-        listen 127.0.0.1:{port};
-        root {root};
-        location / {{ autoindex on; }}
-    }}
-}}
-"""
-
-
-@dataclass(frozen=True)
-class Peer:
-    """A running server: base URL, where files are (``url + prefix``), main PID. Immutable."""
-
-    name: str
-    url: str
-    prefix: str
-    pid: int
-
-    @property
-    def port(self) -> int:
-        return int(self.url.rsplit(":", 1)[1])
-
-    def file_url(self, path: str) -> str:
-        return f"{self.url}{self.prefix}{path}"
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for_http(url: str, proc: subprocess.Popen[bytes], timeout: float = START_TIMEOUT) -> None:
-    """Polls ``url`` until it answers with a status below 500."""
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status < 500:
-                    return
-        except urllib.error.HTTPError as exc:
-            if exc.code < 500:
-                return
-            last = exc
-        except OSError as exc:
-            last = exc
-        time.sleep(0.05)
-    raise TimeoutError(f"{url} did not answer within {timeout}s: {last}")
-
-
-def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = START_TIMEOUT) -> None:
-    """Returns once 127.0.0.1:``port`` accepts connections."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before port {port} opened")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-            return
-        time.sleep(0.02)
-    raise TimeoutError(f"port {port} did not open within {timeout}s")
-
-
-def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
-    """Sends ``sig``; SIGKILLs the process group after STOP_TIMEOUT. Always reaps.
-
-    Every process here is started in its own session, so its group is its own.
-    """
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, sig)
-        try:
-            proc.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)  # e.g. an orphaned nginx worker
-
-
-def _start(
-    argv: Sequence[str], log_path: Path, env: dict[str, str] | None = None
-) -> subprocess.Popen[bytes]:
-    with open(log_path, "wb") as log:
-        return subprocess.Popen(
-            list(argv),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
-            start_new_session=True,
-        )
-
-
-@contextlib.contextmanager
-def nginx_server(root: Path) -> Iterator[Peer]:
-    """nginx serving ``root`` at ``/``."""
-    with tempfile.TemporaryDirectory(prefix="bench-nginx-") as work:
-        port = free_port()
-        conf = Path(work) / "nginx.conf"
-        # As root, the worker would run as 'nobody', which may not read root.
-        user = f"user {getpass.getuser()};" if os.geteuid() == 0 else ""
-        conf.write_text(_NGINX_CONF.format(user=user, work=work, port=port, root=root.resolve()))
-        argv = [NGINX, "-p", work, "-c", str(conf), "-e", f"{work}/error.log"]
-        proc = _start(argv, Path(work) / "out.log")
-        try:
-            url = f"http://127.0.0.1:{port}"
-            wait_for_http(f"{url}/", proc)
-            yield Peer("nginx", url, "/", proc.pid)
-        finally:
-            stop_process(proc, signal.SIGQUIT)
-
-
-@contextlib.contextmanager
-def cachesvc_server(origin: str, args: Sequence[str], log_path: Path) -> Iterator[Peer]:
-    """``python -m cachesvc serve --origin origin *args`` on free 127.0.0.1 ports."""
-    port, admin_port = free_port(), free_port()
-    argv = [
-        sys.executable, "-m", "cachesvc", "serve",
-        "--origin", origin,
-        "--listen", f"127.0.0.1:{port}",
-        "--admin-listen", f"127.0.0.1:{admin_port}",
-        *args,
-    ]  # fmt: skip
-    proc = _start(argv, log_path)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_for_http(f"{url}/healthz", proc)
-        yield Peer("cachesvc", url, "/files/", proc.pid)
-    finally:
-        stop_process(proc)
 
 
 async def _forward_requests(
@@ -366,12 +204,15 @@ def rclone_http_server(origin_url: str, cache_dir: Path, log_path: Path) -> Iter
         "--log-level", "NOTICE",
     ]  # fmt: skip
     # No config file: the remote is given in full on the command line.
-    env = {"RCLONE_CONFIG": str(log_path.with_suffix(".no-such-conf"))}
-    proc = _start(argv, log_path, env)
+    env = {**os.environ, "RCLONE_CONFIG": str(log_path.with_suffix(".no-such-conf"))}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
     try:
         # Only the port: an HTTP request would make rclone list the remote
         # before the cold pass, hiding those origin requests from it.
         wait_for_port(port, proc)
         yield Peer("rclone", f"http://127.0.0.1:{port}", "/", proc.pid)
     finally:
-        stop_process(proc)
+        stop_process(proc, group=True)

@@ -1,9 +1,16 @@
-"""Processes the load benchmarks run side by side: cachesvc, nginx and wrk.
+"""The processes the benchmarks run: cachesvc, nginx and wrk.
+
+The one launcher module of :mod:`benchmarks`; the origin benchmark adds its
+own peers (rclone, a latency proxy) in :mod:`benchmarks.origin_peers` on top
+of these helpers.
 
 - :func:`cachesvc_server` runs ``python -m cachesvc serve`` and
   :func:`nginx_server` runs nginx (``worker_processes 1``, ``sendfile on``)
   over a directory, each optionally pinned to CPUs with ``taskset``; both
-  are context managers that stop their process (by PID) on exit.
+  are context managers that yield a :class:`Peer` and stop their process
+  (by PID, :func:`stop_process`) on exit.
+- :func:`wait_for_http` and :func:`wait_for_port` wait (bounded) until a
+  started process answers.
 - :func:`run_wrk` runs Debian's ``wrk`` (optionally pinned) with a Lua
   script and returns its summary, read from a ``done()`` hook that every
   script gets appended (:data:`WRK_REPORT`), not scraped from its text.
@@ -76,8 +83,26 @@ def wait_for_http(url: str, proc: subprocess.Popen[bytes], timeout: float = STAR
     raise TimeoutError(f"{url} did not answer within {timeout}s: {last}")
 
 
-def _stop(proc: subprocess.Popen[bytes], sig: int, *, group: bool) -> None:
-    """Sends ``sig``; SIGKILL (to the process group when ``group``) after STOP_TIMEOUT."""
+def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = START_TIMEOUT) -> None:
+    """Returns once 127.0.0.1:``port`` accepts connections."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before port {port} opened")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"port {port} did not open within {timeout}s")
+
+
+def stop_process(
+    proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, *, group: bool = False
+) -> None:
+    """Sends ``sig``; SIGKILL after STOP_TIMEOUT. Always reaps.
+
+    With ``group`` (a process started in its own session), the SIGKILL goes
+    to its whole process group, and so does a last one after it exited.
+    """
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(proc.pid, sig)
@@ -103,6 +128,10 @@ class Peer:
     url: str
     prefix: str  # path prefix of the served directory, e.g. "/files/" or "/"
     pid: int
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
 
     def file_url(self, path: str) -> str:
         return f"{self.url}{self.prefix}{path}"
@@ -165,7 +194,7 @@ def cachesvc_server(
             wait_for_http(f"{url}/healthz", proc)
             yield Peer("cachesvc", url, "/files/", proc.pid)
         finally:
-            _stop(proc, signal.SIGTERM, group=False)
+            stop_process(proc)
 
 
 _NGINX_CONF = """\
@@ -199,7 +228,10 @@ http {{
 
 @contextlib.contextmanager
 def nginx_server(root: Path, *, cpus: str | None = None, extra_conf: str = "") -> Iterator[Peer]:
-    """nginx serving ``root`` at ``/`` (one worker, sendfile, no access log)."""
+    """nginx serving ``root`` at ``/`` (one worker, sendfile, no access log).
+
+    ``extra_conf`` goes into the ``server`` block, e.g. a ``location``.
+    """
     if not os.access(NGINX, os.X_OK):
         raise RuntimeError(f"nginx not found at {NGINX}")
     with tempfile.TemporaryDirectory(prefix="bench-nginx-") as work:
@@ -224,7 +256,7 @@ def nginx_server(root: Path, *, cpus: str | None = None, extra_conf: str = "") -
             wait_for_http(f"{url}/", proc)
             yield Peer("nginx", url, "/", proc.pid)
         finally:
-            _stop(proc, signal.SIGQUIT, group=True)
+            stop_process(proc, signal.SIGQUIT, group=True)
 
 
 # ---------------------------------------------------------------------------

@@ -15,13 +15,12 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
-from email.message import Message
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.support.client import Reply, call
 from tests.support.content import pattern
 from tests.support.servers import ServerProcess, free_port, running_cachesvc
 
@@ -39,28 +38,6 @@ PROTECTED = [
     ("POST", "/admin/pin?path=a.bin&range=0-4095"),
     ("DELETE", "/admin/pin?path=a.bin&range=0-4095"),
 ]
-
-
-@dataclass
-class Reply:
-    status: int
-    headers: Message
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-def call(
-    method: str, url: str, *, headers: dict[str, str] | None = None, data: bytes | None = None
-) -> Reply:
-    request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as resp:
-            return Reply(resp.status, resp.headers, resp.read())
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return Reply(exc.code, exc.headers, exc.read())
 
 
 def admin(server: ServerProcess, method: str, target: str) -> Reply:

@@ -8,20 +8,15 @@ Prometheus server scrapes the admin listener.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from email.message import Message
 from pathlib import Path
-from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support.client import call
 from tests.support.content import pattern
 from tests.support.prometheus import PROMETHEUS, PROMTOOL, running_prometheus
 from tests.support.servers import ServerProcess, running_cachesvc
@@ -54,28 +49,6 @@ DESIGN_METRICS: dict[str, tuple[str, frozenset[str]]] = {
     "http_request_duration_seconds": ("histogram", frozenset({"method"})),
     "origin_request_duration_seconds": ("histogram", frozenset({"op"})),
 }
-
-
-@dataclass
-class Reply:
-    status: int
-    headers: Message
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-def call(
-    method: str, url: str, *, headers: dict[str, str] | None = None, data: bytes | None = None
-) -> Reply:
-    request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as resp:
-            return Reply(resp.status, resp.headers, resp.read())
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return Reply(exc.code, exc.headers, exc.read())
 
 
 class Scrape:
