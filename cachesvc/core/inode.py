@@ -299,9 +299,9 @@ class CachingInode:
 
     def _read_ahead_locked(self, end: int) -> None:
         """On sequential access, starts a fill (not awaited) of the next window
-        once the reader is within a window of what is neither cached nor being
-        filled, so the origin is read while the caller sends what it has. Like
-        the kernel's asynchronous readahead marker.
+        once the reader is within two windows of what is neither cached nor
+        being filled, so the origin is read while the caller sends what it
+        has. Like the kernel's asynchronous readahead marker.
 
         Preconditions: data_mu is held (for reading suffices).
         """
@@ -309,7 +309,7 @@ class CachingInode:
         if window <= MIN_READAHEAD:
             return
         size_end = page_up(self.attr.size)
-        lookahead = Range(end, min(end + window, size_end))
+        lookahead = Range(end, min(end + 2 * window, size_end))
         if lookahead.is_empty:
             return
         missing = self.cache_set.gaps(lookahead)
