@@ -9,6 +9,7 @@ command -v wrk >/dev/null 2>&1 || need+=(wrk)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v rclone >/dev/null 2>&1 || need+=(rclone)
 command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
+command -v curl >/dev/null 2>&1 || need+=(curl)
 if [ ${#need[@]} -eq 0 ]; then
     exit 0
 fi
