@@ -129,6 +129,8 @@ class Metrics:
         )
         for direction in ("in", "out"):
             self.origin_bytes.labels(direction)
+        # (method, status) -> (request counter, duration histogram) children.
+        self._request_children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
 
     def watch_cache(self, cache: FileCache) -> None:
         """Adds the gauges and counters read from ``cache`` at scrape time."""
@@ -144,8 +146,17 @@ class Metrics:
             self.origin_bytes.labels(direction).inc(nbytes)
 
     def observe_request(self, method: str, status: int, seconds: float) -> None:
-        self.http_requests.labels(method, str(status)).inc()
-        self.http_duration.labels(method).observe(seconds)
+        # Label children are looked up once per (method, status): labels() is
+        # a measurable share of a small request's cost.
+        children = self._request_children.get((method, status))
+        if children is None:
+            children = (
+                self.http_requests.labels(method, str(status)),
+                self.http_duration.labels(method),
+            )
+            self._request_children[(method, status)] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def exposition(self) -> bytes:
         """The text exposition of every metric."""
