@@ -68,6 +68,7 @@ from cachesvc.core.hostmem import (
     allocated_bytes,
     map_chunks,
     open_backing,
+    populate,
     punch_hole,
     resident_runs,
     zero,
@@ -83,6 +84,10 @@ from cachesvc.core.ranges import Range, RangeSet, marker_set
 # interface.
 
 logger = logging.getLogger("cachesvc.memfile")
+
+# allocate_and_fill faults in allocations at least this large in a worker
+# thread before the reader fills them (smaller ones are not worth the hop).
+POPULATE_MIN = 256 << 10
 
 _PAGE_MASK = PAGE_SIZE - 1
 # Allocations never end beyond this offset when no max_size is given.
@@ -155,6 +160,9 @@ class MemoryFile:
         # The highest end of an allocation. Immutable.
         self._limit = _NO_LIMIT if max_size is None else max_size & ~(CHUNK_SIZE - 1)
         self._executor = ThreadPoolExecutor(_WORKER_THREADS, thread_name_prefix="memfile")
+        # Whether the host can populate pages (MADV_POPULATE_WRITE); cleared
+        # on the first failure. Protected by the event loop.
+        self._populate = True
 
         self._map_mu = OrderedLock("MemoryFile.map_mu", 1, self)
         # Size the file has actually been extended to. Protected by map_mu.
@@ -334,6 +342,10 @@ class MemoryFile:
         # Follows MemoryFile.AllocateAndFill in the reference design; the
         # partial last page is kept (it reads as zeros past n).
         rng = await self.allocate(length, kind)
+        if self._populate and length >= POPULATE_MIN:
+            # The reader (an origin fill on the event loop) would otherwise
+            # take a fault per fresh page; take them in a worker thread.
+            self._populate = await self._run(populate, self._chunks.address_pieces(rng))
         views = self.map_internal(rng, write=True)
         try:
             n = await reader(views)

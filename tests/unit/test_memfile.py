@@ -628,3 +628,31 @@ MemoryFileMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestMemoryFileMachine = MemoryFileMachine.TestCase
+
+
+async def test_large_fills_are_faulted_in_before_the_reader_runs(mf: MemoryFile) -> None:
+    resident_before: list[Range] = []
+
+    async def reader(views: list[memoryview]) -> int:
+        # Nothing written yet: only a populate could have made these pages resident.
+        pieces = mf._chunks.address_pieces(rng_of(views))
+        resident_before.extend(hostmem.resident_runs(pieces))
+        return sum(len(v) for v in views)
+
+    def rng_of(views: list[memoryview]) -> Range:
+        return Range(0, sum(len(v) for v in views))
+
+    rng, _ = await mf.allocate_and_fill(1 << 20, MemoryKind.PAGE_CACHE, reader)
+    assert rng == Range(0, 1 << 20)
+    assert resident_before == [Range(0, 1 << 20)]
+    # Small fills are not worth a thread hop: their pages stay untouched.
+    small_resident: list[Range] = []
+
+    async def small_reader(views: list[memoryview]) -> int:
+        small_resident.extend(hostmem.resident_runs(mf._chunks.address_pieces(small)))
+        return sum(len(v) for v in views)
+
+    small = Range(1 << 20, (1 << 20) + 8192)
+    got, _ = await mf.allocate_and_fill(8192, MemoryKind.PAGE_CACHE, small_reader)
+    assert got == small
+    assert small_resident == []
