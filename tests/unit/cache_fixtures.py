@@ -31,6 +31,7 @@ async def cache_rig(
     delay: float = 0.0,
     readahead: int = 4 << 20,
     dirty_expire: float = 3600.0,
+    max_inodes: int = 100_000,
 ) -> AsyncIterator[Rig]:
     root.mkdir(parents=True, exist_ok=True)
     origin = TestOrigin(LocalOrigin.open(str(root)), buffered=buffered, delay=delay)
@@ -44,6 +45,7 @@ async def cache_rig(
             dirty_expire=dirty_expire,
             readahead=readahead,
             revalidate=3600.0,
+            max_inodes=max_inodes,
         ),
     )
     cache.start()
