@@ -4,16 +4,26 @@
 # :9090, so service starts are refused during the install.
 set -euo pipefail
 need=()
-command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
-command -v wrk >/dev/null 2>&1 || need+=(wrk)
-command -v promtool >/dev/null 2>&1 || need+=(prometheus)
-command -v rclone >/dev/null 2>&1 || need+=(rclone)
-command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
-command -v curl >/dev/null 2>&1 || need+=(curl)
+if [ "${1:-}" = "--venv" ]; then
+    # Debian's Python needs python3-venv for `python3 -m venv`.
+    ver=$(python3 -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+    need=("python${ver}-venv")
+else
+    command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
+    command -v wrk >/dev/null 2>&1 || need+=(wrk)
+    command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+    command -v rclone >/dev/null 2>&1 || need+=(rclone)
+    command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
+    command -v curl >/dev/null 2>&1 || need+=(curl)
+fi
 if [ ${#need[@]} -eq 0 ]; then
     exit 0
 fi
 if [ "$(id -u)" -ne 0 ]; then
+    if [ "${1:-}" = "--venv" ]; then
+        echo "install-system-deps: python -m venv failed; install ${need[*]} (as root)" >&2
+        exit 1
+    fi
     echo "install-system-deps: not root; missing ${need[*]} (tests needing them will be skipped)" >&2
     exit 0
 fi
