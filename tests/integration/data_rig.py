@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import hashlib
 import re
 import threading
 from collections.abc import Awaitable, Callable, Iterator
@@ -32,6 +31,7 @@ from cachesvc.core.cache import CacheOptions, FileCache
 from cachesvc.core.memfile import MemoryFile
 from cachesvc.origins.base import Origin
 from cachesvc.origins.local import LocalOrigin
+from tests.support.content import pattern
 
 T = TypeVar("T")
 KiB = 1 << 10
@@ -39,28 +39,10 @@ MiB = 1 << 20
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 30.0
 
-_BLOCK = MiB
-
-
-def _block(seed: int, index: int) -> bytes:
-    return hashlib.shake_256(f"{seed}:{index}".encode()).digest(_BLOCK)
-
-
-def content(seed: int, offset: int, length: int) -> bytes:
-    """``length`` bytes of stream ``seed`` from ``offset`` (any slice agrees)."""
-    out = bytearray()
-    pos, end = offset, offset + length
-    while pos < end:
-        index, skip = divmod(pos, _BLOCK)
-        take = min(_BLOCK - skip, end - pos)
-        out += _block(seed, index)[skip : skip + take]
-        pos += take
-    return bytes(out)
-
 
 def write_file(path: Path, seed: int, size: int) -> bytes:
     """Writes ``size`` bytes of stream ``seed`` to ``path`` and returns them."""
-    data = content(seed, 0, size)
+    data = pattern(seed, 0, size)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     return data

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.servers import free_port, wait_for_http
+from tests.support.servers import free_port, stop_process, wait_for_http
 
 FAKE_CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -43,18 +42,6 @@ def _moto_command(port: int) -> list[str]:
     if binary.exists():
         return [str(binary), "-H", "127.0.0.1", "-p", str(port)]
     return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
-
-
-def _stop(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL after ``timeout``; always reaps the process."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=timeout)
 
 
 @contextlib.contextmanager
@@ -81,7 +68,7 @@ def running_moto_server(
         try:
             wait_for_http(f"{endpoint}/moto-api/data.json", timeout, proc)
         except (RuntimeError, TimeoutError) as exc:
-            _stop(proc)
+            stop_process(proc)
             last_error = RuntimeError(
                 f"moto_server did not start: {exc}\n{log_path.read_text(errors='replace')}"
             )
@@ -89,7 +76,7 @@ def running_moto_server(
         try:
             yield endpoint
         finally:
-            _stop(proc)
+            stop_process(proc)
         return
     assert last_error is not None
     raise last_error

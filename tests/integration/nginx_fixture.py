@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.servers import free_port
+from tests.support.servers import free_port, stop_process
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 
@@ -83,22 +83,6 @@ def _wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float) -> 
     return False
 
 
-def _stop(proc: subprocess.Popen[bytes], timeout: float) -> None:
-    """SIGQUIT (graceful), then SIGKILL to nginx's own process group after ``timeout``."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGQUIT)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-    # A worker orphaned by a killed master is still in the group.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-
-
 def start_nginx(
     root_dir: Path,
     extra_conf: str = "",
@@ -141,13 +125,13 @@ def start_nginx(
         )
         if _wait_for_port(port, proc, timeout):
             break
-        _stop(proc, 2.0)
+        stop_process(proc, signal.SIGQUIT, 2.0, group=True)
     else:
         log = (work / "error.log").read_text(errors="replace")
         raise RuntimeError(f"nginx did not start:\n{log}")
 
     def stop(stop_timeout: float = 5.0) -> None:
-        _stop(proc, stop_timeout)
+        stop_process(proc, signal.SIGQUIT, stop_timeout, group=True)
         if own_workdir:
             shutil.rmtree(work, ignore_errors=True)
 

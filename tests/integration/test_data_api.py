@@ -23,11 +23,11 @@ from tests.integration.data_rig import (
     KiB,
     MiB,
     Reply,
-    content,
     fetch,
     serving,
     write_file,
 )
+from tests.support.content import pattern
 
 SIZE = 10_000
 BIG = 3 * MiB + 12_345  # streamed in several chunks
@@ -81,7 +81,7 @@ def assert_file_headers(reply: Reply, length: int) -> None:
 async def test_get_whole_file(server: DataServer, session: aiohttp.ClientSession) -> None:
     reply = await get(session, server, "/files/f.bin")
     assert reply.status == 200
-    assert reply.body == content(1, 0, SIZE)
+    assert reply.body == pattern(1, 0, SIZE)
     assert_file_headers(reply, SIZE)
     assert "Content-Range" not in reply.headers
     assert reply.headers["Content-Type"] == "application/octet-stream"
@@ -93,7 +93,7 @@ async def test_get_large_file_streamed(server: DataServer, session: aiohttp.Clie
     reply = await get(session, server, "/files/big.bin")
     assert reply.status == 200
     assert_file_headers(reply, BIG)
-    assert reply.body == content(2, 0, BIG)
+    assert reply.body == pattern(2, 0, BIG)
     # Every mapping was released once the bytes were sent.
     assert server.cache is not None
     assert server.cache.counters.mapped_bytes == 0
@@ -155,7 +155,7 @@ async def test_single_range(
     assert reply.status == 206, reply.body[:200]
     assert reply.headers["Content-Range"] == f"bytes {start}-{end - 1}/{SIZE}"
     assert_file_headers(reply, end - start)
-    assert reply.body == content(1, start, end - start)
+    assert reply.body == pattern(1, start, end - start)
 
 
 async def test_large_range_across_chunks(
@@ -165,7 +165,7 @@ async def test_large_range_across_chunks(
     reply = await get(session, server, "/files/big.bin", Range=f"bytes={start}-{end - 1}")
     assert reply.status == 206
     assert reply.headers["Content-Range"] == f"bytes {start}-{end - 1}/{BIG}"
-    assert reply.body == content(2, start, end - start)
+    assert reply.body == pattern(2, start, end - start)
 
 
 def parse_multipart(reply: Reply) -> list[tuple[str, bytes]]:
@@ -210,7 +210,7 @@ async def test_multipart_ranges(
     parts = parse_multipart(reply)
     assert [cr for cr, _ in parts] == [f"bytes {a}-{b - 1}/{size}" for a, b in ranges]
     for (a, b), (_, data) in zip(ranges, parts, strict=True):
-        assert data == content(seed, a, b - a)
+        assert data == pattern(seed, a, b - a)
     headed = await head(session, server, path, Range=header)
     assert headed.headers["Content-Length"] == reply.headers["Content-Length"]
 
@@ -259,7 +259,7 @@ async def test_invalid_range_is_ignored(
     )
     assert reply.status == 200
     assert "Content-Range" not in reply.headers
-    assert reply.body == content(1, 0, SIZE)
+    assert reply.body == pattern(1, 0, SIZE)
 
 
 # ---------------------------------------------------------------------------
@@ -323,7 +323,7 @@ async def test_if_range(server: DataServer, session: aiohttp.ClientSession) -> N
     for value, status in cases:
         reply = await get(session, server, "/files/f.bin", Range="bytes=0-9", **_h(If_Range=value))
         assert reply.status == status, value
-        expected = content(1, 0, 10) if status == 206 else content(1, 0, SIZE)
+        expected = pattern(1, 0, 10) if status == 206 else pattern(1, 0, SIZE)
         assert reply.body == expected
 
 
@@ -421,7 +421,7 @@ async def test_many_small_reads_hold_no_mappings(
         reply = await get(
             session, server, "/files/big.bin", Range=f"bytes={offset}-{offset + 4095}"
         )
-        assert reply.body == content(2, offset, 4096)
+        assert reply.body == pattern(2, offset, 4096)
     assert server.cache is not None
     assert server.cache.counters.mapped_bytes == 0
 
@@ -443,7 +443,7 @@ async def test_client_going_away_releases_mappings(
     write_file(server.root / "huge.bin", 5, HUGE)
     resp = await session.get(server.url + "/files/huge.bin")
     assert resp.status == 200
-    assert await resp.content.readexactly(MiB) == content(5, 0, MiB)
+    assert await resp.content.readexactly(MiB) == pattern(5, 0, MiB)
     resp.close()  # drops the connection mid-body
     for _ in range(200):  # up to 10 s
         if not _mapped_bytes(server):
@@ -460,7 +460,7 @@ async def test_file_changed_mid_stream_aborts(
     resp = await session.get(server.url + "/files/huge.bin")
     try:
         assert resp.status == 200
-        assert await resp.content.readexactly(MiB) == content(5, 0, MiB)
+        assert await resp.content.readexactly(MiB) == pattern(5, 0, MiB)
         async with aiohttp.ClientSession() as writer:
             patched = await fetch(
                 writer,

@@ -11,7 +11,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.integration.data_rig import MiB, content, fetch, write_file
+from tests.integration.data_rig import MiB, fetch, write_file
+from tests.support.content import pattern
 from tests.support.servers import ServerProcess, running_cachesvc
 
 LARGE = 64 * MiB
@@ -48,7 +49,7 @@ async def test_main_rows(proc: ServerProcess, session: aiohttp.ClientSession) ->
     assert got.status == 206
     assert int(got.headers["Content-Length"]) == len(got.body)
     single = await fetch(session, "GET", url, headers={"Range": "bytes=-100"})
-    assert single.body == content(1, 100_000 - 100, 100)
+    assert single.body == pattern(1, 100_000 - 100, 100)
     etag = single.headers["ETag"]
     assert (await fetch(session, "HEAD", url)).headers["ETag"] == etag
     patched = await fetch(
@@ -73,7 +74,7 @@ async def test_large_put_and_get_in_bounded_memory(
 
     async def body() -> AsyncIterator[bytes]:
         for pos in range(0, LARGE, PIECE):
-            piece = content(9, pos, PIECE)
+            piece = pattern(9, pos, PIECE)
             expected.update(piece)
             yield piece
 

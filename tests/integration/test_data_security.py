@@ -17,12 +17,12 @@ from cachesvc.config import HostPort
 from tests.integration.data_rig import (
     DataServer,
     Reply,
-    content,
     fetch,
     raw_exchange,
     serving,
     write_file,
 )
+from tests.support.content import pattern
 
 SIZE = 1000
 TOKEN = "s3cret-token"
@@ -51,7 +51,7 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 async def still_serving(session: aiohttp.ClientSession, server: DataServer) -> None:
     reply = await fetch(session, "GET", server.url + "/files/f.bin")
     assert reply.status == 200
-    assert reply.body == content(1, 0, SIZE)
+    assert reply.body == pattern(1, 0, SIZE)
 
 
 # ---------------------------------------------------------------------------
@@ -172,7 +172,7 @@ async def test_read_only(root: Path, session: aiohttp.ClientSession) -> None:
         for reply in await _writes(session, srv.url):
             assert reply.status == 403
             assert reply.json()["error"] == "read_only"
-        assert (root / "f.bin").read_bytes() == content(1, 0, SIZE)
+        assert (root / "f.bin").read_bytes() == pattern(1, 0, SIZE)
         assert (await fetch(session, "GET", srv.url + "/files/f.bin")).status == 200
 
 
@@ -188,7 +188,7 @@ async def test_write_token_required(
         for reply in await _writes(session, srv.url, extra):
             assert reply.status == 401
             assert reply.headers["WWW-Authenticate"] == "Bearer"
-        assert (root / "f.bin").read_bytes() == content(1, 0, SIZE)
+        assert (root / "f.bin").read_bytes() == pattern(1, 0, SIZE)
         # Reads need no token.
         assert (await fetch(session, "GET", srv.url + "/files/f.bin")).status == 200
 
@@ -213,7 +213,7 @@ async def test_non_loopback_without_token(root: Path, session: aiohttp.ClientSes
         for reply in await _writes(session, srv.url):
             assert reply.status == 403
             assert "--write-token" in reply.json()["message"]
-        assert (root / "f.bin").read_bytes() == content(1, 0, SIZE)
+        assert (root / "f.bin").read_bytes() == pattern(1, 0, SIZE)
     with serving(root, listen=HostPort("0.0.0.0", 0), allow_anonymous_writes=True) as srv:
         replies = await _writes(session, srv.url)
         assert [r.status for r in replies] == [204, 204, 204, 204, 204, 204]
@@ -259,4 +259,4 @@ async def test_service_survives_garbage(server: DataServer, session: aiohttp.Cli
         answer = await raw_exchange(server.port, request)
         assert not answer.startswith(b"HTTP/1.1 500"), (request, answer[:200])
         await still_serving(session, server)
-    assert (server.root / "f.bin").read_bytes() == content(1, 0, SIZE)
+    assert (server.root / "f.bin").read_bytes() == pattern(1, 0, SIZE)

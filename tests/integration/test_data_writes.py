@@ -18,12 +18,12 @@ from tests.integration.data_rig import (
     DataServer,
     MiB,
     Reply,
-    content,
     fetch,
     raw_exchange,
     serving,
     write_file,
 )
+from tests.support.content import pattern
 
 SIZE = 10_000
 SABRE = "application/x-sabredav-partialupdate"
@@ -89,18 +89,18 @@ async def test_put_streams_chunked_body(server: DataServer, session: aiohttp.Cli
 
     async def chunks() -> AsyncIterator[bytes]:
         for pos in range(0, size, MiB):
-            yield content(7, pos, min(MiB, size - pos))
+            yield pattern(7, pos, min(MiB, size - pos))
 
     reply = await req(session, server, "PUT", "/files/streamed.bin", data=chunks())
     assert reply.status == 201
-    assert (server.root / "streamed.bin").read_bytes() == content(7, 0, size)
-    assert await body_of(session, server, "/files/streamed.bin") == content(7, 0, size)
+    assert (server.root / "streamed.bin").read_bytes() == pattern(7, 0, size)
+    assert await body_of(session, server, "/files/streamed.bin") == pattern(7, 0, size)
 
 
 async def test_put_preconditions(server: DataServer, session: aiohttp.ClientSession) -> None:
     exists = await req(session, server, "PUT", "/files/f.bin", b"x", If_None_Match="*")
     assert exists.status == 412
-    assert (server.root / "f.bin").read_bytes() == content(1, 0, SIZE)
+    assert (server.root / "f.bin").read_bytes() == pattern(1, 0, SIZE)
     new = await req(session, server, "PUT", "/files/new.bin", b"", If_None_Match="*")
     assert new.status == 201
     assert (server.root / "new.bin").read_bytes() == b""
@@ -125,7 +125,7 @@ async def test_partial_put(server: DataServer, session: aiohttp.ClientSession) -
     )
     assert reply.status == 204
     assert "ETag" not in reply.headers
-    expected = bytearray(content(1, 0, SIZE))
+    expected = bytearray(pattern(1, 0, SIZE))
     expected[10:20] = b"ABCDEFGHIJ"
     assert await body_of(session, server, "/files/f.bin") == expected
     assert await etag_of(session, server, "/files/f.bin") != before
@@ -157,7 +157,7 @@ async def test_partial_put_bad_content_range(
     reply = await req(session, server, "PUT", "/files/f.bin", b"ab", Content_Range=header)
     assert reply.status == 400
     assert reply.json()["error"] == "bad_range"
-    assert (server.root / "f.bin").read_bytes() == content(1, 0, SIZE)
+    assert (server.root / "f.bin").read_bytes() == pattern(1, 0, SIZE)
 
 
 async def test_partial_length_mismatch_applies_nothing(
@@ -170,7 +170,7 @@ async def test_partial_length_mismatch_applies_nothing(
                 session, server, method, "/files/f.bin", body, Content_Range="bytes 0-9/*"
             )
             assert reply.status == 400, (method, body)
-    assert await body_of(session, server, "/files/f.bin") == content(1, 0, SIZE)
+    assert await body_of(session, server, "/files/f.bin") == pattern(1, 0, SIZE)
     assert await etag_of(session, server, "/files/f.bin") == before
 
 
@@ -187,7 +187,7 @@ async def test_patch_content_range(server: DataServer, session: aiohttp.ClientSe
     assert reply.status == 204
     assert reply.headers["ETag"] != before
     assert reply.headers["ETag"] == await etag_of(session, server, "/files/f.bin")
-    assert await body_of(session, server, "/files/f.bin") == content(1, 0, SIZE) + b"HELLO"
+    assert await body_of(session, server, "/files/f.bin") == pattern(1, 0, SIZE) + b"HELLO"
     missing = await req(session, server, "PATCH", "/files/nope", b"x", Content_Range="bytes 0-0/*")
     assert missing.status == 404
     no_range = await req(session, server, "PATCH", "/files/f.bin", b"x")
@@ -260,7 +260,7 @@ async def test_partial_write_too_large(server: DataServer, session: aiohttp.Clie
     )
     assert streamed.status == 413
     assert (server.root / "ten").read_bytes() == b"1234567890"
-    assert await body_of(session, server, "/files/f.bin") == content(1, 0, SIZE)
+    assert await body_of(session, server, "/files/f.bin") == pattern(1, 0, SIZE)
 
 
 # ---------------------------------------------------------------------------
@@ -272,12 +272,12 @@ async def test_truncate(server: DataServer, session: aiohttp.ClientSession) -> N
     shrink = await req(session, server, "POST", "/files/f.bin?truncate=100")
     assert shrink.status == 204
     etags.add(shrink.headers["ETag"])
-    assert await body_of(session, server, "/files/f.bin") == content(1, 0, 100)
+    assert await body_of(session, server, "/files/f.bin") == pattern(1, 0, 100)
     grow = await req(session, server, "POST", "/files/f.bin?truncate=200&sync=1")
     assert grow.status == 204
     etags.add(grow.headers["ETag"])
-    assert await body_of(session, server, "/files/f.bin") == content(1, 0, 100) + bytes(100)
-    assert (server.root / "f.bin").read_bytes() == content(1, 0, 100) + bytes(100)
+    assert await body_of(session, server, "/files/f.bin") == pattern(1, 0, 100) + bytes(100)
+    assert (server.root / "f.bin").read_bytes() == pattern(1, 0, 100) + bytes(100)
     same_size = await req(session, server, "POST", "/files/f.bin?truncate=200")
     etags.add(same_size.headers["ETag"])
     assert len(etags) == 4  # every truncate changes the ETag
@@ -296,7 +296,7 @@ async def test_post_bad_parameters(
     reply = await req(session, server, "POST", f"/files/f.bin?{query}")
     assert reply.status == 400
     assert set(reply.json()) == {"error", "message"}
-    assert (server.root / "f.bin").read_bytes() == content(1, 0, SIZE)
+    assert (server.root / "f.bin").read_bytes() == pattern(1, 0, SIZE)
 
 
 async def test_fsync_and_sync_writes(server: DataServer, session: aiohttp.ClientSession) -> None:
@@ -371,7 +371,7 @@ async def test_coded_or_multipart_bodies_refused(
             session, "PUT", server.url + "/files/f.bin", headers={**headers, **extra}, data=b"ab"
         )
         assert reply.status == 415
-    assert (server.root / "f.bin").read_bytes() == content(1, 0, SIZE)
+    assert (server.root / "f.bin").read_bytes() == pattern(1, 0, SIZE)
 
 
 class ReadOnly:
@@ -405,7 +405,7 @@ async def test_read_only_origin_refuses_writes(
             )
             assert reply.status == 405, method
             assert "read-only" in reply.json()["message"]
-        assert (await fetch(session, "GET", srv.url + "/files/f.bin")).body == content(1, 0, 100)
+        assert (await fetch(session, "GET", srv.url + "/files/f.bin")).body == pattern(1, 0, 100)
 
 
 # ---------------------------------------------------------------------------
@@ -424,9 +424,9 @@ async def test_partial_body_ending_early_applies_nothing(
         request = f"{head}Host: x\r\nContent-Length: 100\r\n\r\n".encode() + b"Q" * 40
         await raw_exchange(server.port, request)
     await asyncio.sleep(0.2)
-    assert await body_of(session, server, "/files/f.bin") == content(1, 0, SIZE)
+    assert await body_of(session, server, "/files/f.bin") == pattern(1, 0, SIZE)
     assert await etag_of(session, server, "/files/f.bin") == before
-    assert (server.root / "f.bin").read_bytes() == content(1, 0, SIZE)
+    assert (server.root / "f.bin").read_bytes() == pattern(1, 0, SIZE)
     assert not (server.root / "created").exists()
 
 
@@ -440,7 +440,7 @@ async def test_interrupted_full_put_keeps_old_content(
     )
     await raw_exchange(server.port, request)
     await asyncio.sleep(0.2)
-    assert await body_of(session, server, "/files/f.bin") == content(1, 0, SIZE)
+    assert await body_of(session, server, "/files/f.bin") == pattern(1, 0, SIZE)
     assert sorted(p.name for p in server.root.iterdir()) == ["f.bin", "ten"]  # no temp files
     # And the service still works.
     assert (await req(session, server, "PUT", "/files/f.bin", b"ok")).status == 204
@@ -455,4 +455,4 @@ async def test_slow_body_times_out(
     request += b"Content-Length: 10\r\n\r\n12345"
     answer = await raw_exchange(server.port, request, close_after=False, timeout=10)
     assert answer.startswith(b"HTTP/1.1 408 "), answer[:100]
-    assert (server.root / "f.bin").read_bytes() == content(1, 0, SIZE)
+    assert (server.root / "f.bin").read_bytes() == pattern(1, 0, SIZE)

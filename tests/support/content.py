@@ -9,12 +9,7 @@ _BLOCK = 4096
 
 
 def _block(seed: int, index: int) -> bytes:
-    out = bytearray()
-    counter = 0
-    while len(out) < _BLOCK:
-        out += hashlib.blake2b(f"{seed}:{index}:{counter}".encode(), digest_size=64).digest()
-        counter += 1
-    return bytes(out[:_BLOCK])
+    return hashlib.shake_256(f"{seed}:{index}".encode()).digest(_BLOCK)
 
 
 def pattern(seed: int, offset: int, length: int) -> bytes:

@@ -29,8 +29,6 @@ import shutil
 import signal
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -40,7 +38,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.prometheus import PROMETHEUS, PrometheusServer
-from tests.support.servers import free_port
+from tests.support.servers import free_port, stop_process, wait_for_http
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"
@@ -166,42 +164,8 @@ def compose_node_environment(node: str) -> dict[str, str]:
 # --- Launchers -------------------------------------------------------------------------
 
 
-def _stop_group(proc: subprocess.Popen[bytes], sig: int, timeout: float) -> None:
-    """`sig` to the process, then SIGKILL to its own process group after
-    `timeout` and in any case (no orphaned children outlive it); reaps it."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, sig)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-
-
-def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
-    """Polls `url` until it answers 200 (Prometheus's /-/ready is 503 while it
-    starts). Raises RuntimeError if `proc` exits, TimeoutError on time out."""
-    deadline = time.monotonic() + timeout
-    last = ""
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"exited with {proc.returncode} before {url} was ready")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-                last = f"status {response.status}"
-        except urllib.error.HTTPError as exc:
-            exc.close()  # else its socket is only closed, with a warning, when collected
-            last = f"status {exc.code}"
-        except OSError as exc:
-            last = str(exc)
-        time.sleep(0.05)
-    raise TimeoutError(f"{url} not ready within {timeout}s: {last}")
+def _is_ok(status: int) -> bool:
+    return status == 200
 
 
 @contextlib.contextmanager
@@ -230,14 +194,14 @@ def running_balancer(
             )
         url = f"http://{listen}"
         try:
-            wait_ready(f"{url}/healthz", proc, timeout)
+            wait_for_http(f"{url}/healthz", timeout, proc, ready=_is_ok)
         except (RuntimeError, TimeoutError):
-            _stop_group(proc, signal.SIGQUIT, 2.0)
+            stop_process(proc, signal.SIGQUIT, 2.0, group=True)
             continue
         try:
             yield url
         finally:
-            _stop_group(proc, signal.SIGQUIT, 5.0)
+            stop_process(proc, signal.SIGQUIT, 5.0, group=True)
         return
     raise RuntimeError(f"nginx did not start:\n{log_path.read_text(errors='replace')}")
 
@@ -273,14 +237,14 @@ def running_prometheus_config(
             )
         server = PrometheusServer(proc, port, log_path)
         try:
-            wait_ready(f"{server.url}/-/ready", proc, timeout)
+            wait_for_http(f"{server.url}/-/ready", timeout, proc, ready=_is_ok)
         except (RuntimeError, TimeoutError):
-            _stop_group(proc, signal.SIGTERM, 5.0)
+            stop_process(proc, signal.SIGTERM, 5.0, group=True)
             continue
         try:
             yield server
         finally:
-            _stop_group(proc, signal.SIGTERM, 15.0)
+            stop_process(proc, signal.SIGTERM, 15.0, group=True)
         return
     raise RuntimeError(f"prometheus did not start:\n{log_path.read_text(errors='replace')}")
 

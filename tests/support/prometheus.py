@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.support.servers import free_port
+from tests.support.servers import free_port, stop_process, wait_for_http
 
 PROMETHEUS = shutil.which("prometheus")
 PROMTOOL = shutil.which("promtool")
@@ -78,33 +78,7 @@ class PrometheusServer:
 
     def stop(self, timeout: float = 15.0) -> int:
         """SIGTERM, then SIGKILL after ``timeout``; returns the exit status."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        return self.proc.returncode
-
-
-def _wait_ready(server: PrometheusServer, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        if server.proc.poll() is not None:
-            raise RuntimeError(f"prometheus exited with {server.proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"{server.url}/-/ready", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except urllib.error.HTTPError as exc:
-            exc.close()  # not ready yet (503)
-            last = exc
-        except OSError as exc:
-            last = exc
-        time.sleep(0.1)
-    raise TimeoutError(f"prometheus not ready within {timeout}s: {last}")
+        return stop_process(self.proc, signal.SIGTERM, timeout)
 
 
 def start_prometheus(
@@ -131,7 +105,8 @@ def start_prometheus(
         proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, cwd=workdir)
     server = PrometheusServer(proc, port, log_path)
     try:
-        _wait_ready(server, timeout)
+        # /-/ready answers 503 while Prometheus starts.
+        wait_for_http(f"{server.url}/-/ready", timeout, proc, ready=lambda status: status == 200)
     except BaseException:
         server.proc.kill()
         server.proc.wait(timeout=10)

@@ -14,7 +14,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,27 +27,62 @@ def free_port() -> int:
 
 
 def wait_for_http(
-    url: str, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None
+    url: str,
+    timeout: float = 20.0,
+    proc: subprocess.Popen[bytes] | None = None,
+    *,
+    ready: Callable[[int], bool] = lambda status: status < 500,
 ) -> None:
-    """Polls ``url`` until it answers (any status below 500)."""
+    """Polls ``url`` until its status satisfies ``ready`` (default: any answer
+    below 500). Raises RuntimeError if ``proc`` exits first, TimeoutError on time out."""
     deadline = time.monotonic() + timeout
-    last: Exception | None = None
+    last = ""
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
         try:
             with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status < 500:
-                    return
+                status = resp.status
         except urllib.error.HTTPError as exc:
-            exc.close()
-            if exc.code < 500:
-                return
-            last = exc
+            exc.close()  # else its socket is only closed, with a warning, when collected
+            status = exc.code
         except OSError as exc:
-            last = exc
+            last = str(exc)
+            time.sleep(0.05)
+            continue
+        if ready(status):
+            return
+        last = f"status {status}"
         time.sleep(0.05)
-    raise TimeoutError(f"{url} did not answer within {timeout}s: {last}")
+    raise TimeoutError(f"{url} not ready within {timeout}s: {last}")
+
+
+def stop_process(
+    proc: subprocess.Popen[bytes],
+    sig: int = signal.SIGTERM,
+    timeout: float = 10.0,
+    *,
+    group: bool = False,
+) -> int:
+    """Sends ``sig``, then SIGKILL after ``timeout``; always reaps the process.
+
+    With ``group`` (a process started in its own session, like nginx and its
+    workers), the process group is SIGKILLed at the end in any case, so no
+    orphaned child outlives it. Returns the exit status.
+    """
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, sig)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                (os.killpg if group else os.kill)(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    if group:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode
 
 
 @dataclass
@@ -73,14 +108,7 @@ class ServerProcess:
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
         """Sends ``sig`` and waits; SIGKILL after ``timeout``. Returns the exit status."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        return self.proc.returncode
+        return stop_process(self.proc, sig, timeout)
 
     def kill(self) -> None:
         """``kill -9``: no shutdown work at all."""
