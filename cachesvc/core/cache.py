@@ -31,7 +31,7 @@ from cachesvc.core.errors import CacheFull
 from cachesvc.core.inode import CachingInode
 from cachesvc.core.mapping import Mapping
 from cachesvc.core.memfile import MemoryFile, MemoryKind
-from cachesvc.origins.base import Origin, OriginError, OriginNotFound
+from cachesvc.origins.base import Origin, OriginError, OriginNotFound, OriginStat
 
 log = logging.getLogger("cachesvc.cache")
 
@@ -213,29 +213,26 @@ class FileCache:
         A new path is created by the upload itself, so an interrupted first
         upload leaves nothing behind; an existing file keeps its old content.
         """
+        stat: OriginStat | None = None
         try:
             inode = await self._get(path, create=False)
         except OriginNotFound:
             stat = await self.origin.replace(path, chunks)
             inode = await self._get(path, create=False)
-            inode.users += 1
-            try:
-                # Another request may have created the inode meanwhile.
-                async with inode.writeback_mu, inode.attr_mu:
-                    await inode.replaced(stat)
-            finally:
-                inode.users -= 1
-            self.forget_if_idle(inode)
-            return inode, True
         inode.users += 1
         try:
             async with inode.writeback_mu, inode.attr_mu:
-                stat = await self.origin.replace(path, chunks)
+                created = stat is not None
+                if stat is None:
+                    # Under the inode's locks: no write-back interleaves.
+                    stat = await self.origin.replace(path, chunks)
+                # For a new path, another request may have created the inode
+                # meanwhile: it adopts the upload too.
                 await inode.replaced(stat)
         finally:
             inode.users -= 1
         self.forget_if_idle(inode)
-        return inode, False
+        return inode, created
 
     async def remove(self, path: str) -> None:
         """Removes ``path`` at the origin and drops it (and its dirty data) here."""

@@ -243,10 +243,7 @@ class CachingInode:
                 return None
             part = seg.intersect(want)
             mem_start = mem + part.start - seg.start
-            pages = page_range(mem_start, mem_start + part.length)
-            views += slice_views(
-                self.memfile.map_internal(pages, False), mem_start - pages.start, part.length
-            )
+            views += self.memfile.map_internal(Range(mem_start, mem_start + part.length), False)
             pos = part.end
         if pos < end:
             return None
@@ -576,8 +573,7 @@ class CachingInode:
         for seg, mem in self.cache_set.segments(target):
             part = seg.intersect(target)
             mem_start = mem + part.start - seg.start
-            views = self.memfile.map_internal(page_range(mem_start, mem_start + part.length), True)
-            dst = slice_views(views, mem_start - page_down(mem_start), part.length)
+            dst = self.memfile.map_internal(Range(mem_start, mem_start + part.length), True)
             copy_into_views(dst, data[part.start - offset : part.end - offset])
             self._mark_dirty_locked(part)
         if end > self.attr.size:
@@ -646,11 +642,8 @@ class CachingInode:
         if found is None:
             return
         seg, mem = found
-        page = page_down(size)
-        views = self.memfile.map_internal(
-            Range(mem + page - seg.start, mem + page - seg.start + 4096), True
-        )
-        for view in slice_views(views, size - page, page + 4096 - size):
+        tail = mem + size - seg.start
+        for view in self.memfile.map_internal(Range(tail, tail + page_up(size) - size), True):
             view[:] = bytes(len(view))
 
     def _drop_locked(self, rng: Range, *, dirty_too: bool) -> int:

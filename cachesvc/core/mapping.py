@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
-from cachesvc.core.pages import copy_from_views, page_range
+from cachesvc.core.pages import copy_from_views
 from cachesvc.core.ranges import Range
 
 if TYPE_CHECKING:
@@ -76,18 +76,7 @@ class Mapping:
         memfile = self._owner.memfile
         out: list[memoryview] = []
         for mem_off, n in self.extents():
-            mem = page_range(mem_off, mem_off + n)
-            skip = mem_off - mem.start
-            for view in memfile.map_internal(mem, write=False):
-                if skip >= len(view):
-                    skip -= len(view)
-                    continue
-                piece = view[skip : skip + n]
-                out.append(piece)
-                n -= len(piece)
-                skip = 0
-                if n == 0:
-                    break
+            out += memfile.map_internal(Range(mem_off, mem_off + n), write=False)
         return out
 
     def tobytes(self) -> bytes:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from cachesvc.core.mapping import MemoryPieces
 from cachesvc.core.memfile import MemoryFile
-from cachesvc.core.pages import copy_from_views, slice_views
+from cachesvc.core.pages import copy_from_views
 from cachesvc.core.ranges import Range, union_ranges
 
 
@@ -42,8 +42,8 @@ class DirtySnapshot:
             part = Range(file_off, file_off + mem.length).intersect(rng)
             if part.is_empty:
                 continue
-            views = self.memfile.map_internal(mem, write=False)
-            out.extend(slice_views(views, part.start - file_off, part.length))
+            start = mem.start + part.start - file_off
+            out += self.memfile.map_internal(Range(start, start + part.length), write=False)
         return out
 
     async def read_changed(self, offset: int, length: int) -> bytes:
