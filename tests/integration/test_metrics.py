@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.client import call
 from tests.support.content import pattern
+from tests.support.contract import METRICS
 from tests.support.prometheus import PROMETHEUS, PROMTOOL, running_prometheus
 from tests.support.servers import ServerProcess, running_cachesvc
 
@@ -25,30 +26,6 @@ KiB = 1 << 10
 MiB = 1 << 20
 # The usage refresher reads the host's view every ~1 s.
 POLL_TIMEOUT = 10.0
-
-# DESIGN.md "Metrics": name (without the prefix) -> (type, label names).
-DESIGN_METRICS: dict[str, tuple[str, frozenset[str]]] = {
-    "memory_committed_bytes": ("gauge", frozenset({"kind"})),
-    "memory_mapped_bytes": ("gauge", frozenset()),
-    "memory_evictable_bytes": ("gauge", frozenset()),
-    "memory_dirty_bytes": ("gauge", frozenset()),
-    "memory_allocated_bytes": ("gauge", frozenset()),
-    "memory_file_size_bytes": ("gauge", frozenset()),
-    "memory_limit_bytes": ("gauge", frozenset()),
-    "open_files": ("gauge", frozenset()),
-    "cache_hit_bytes": ("counter", frozenset()),
-    "cache_miss_bytes": ("counter", frozenset()),
-    "origin_requests": ("counter", frozenset({"op", "outcome"})),
-    "origin_bytes": ("counter", frozenset({"direction"})),
-    "evictions": ("counter", frozenset()),
-    "evicted_bytes": ("counter", frozenset()),
-    "reclaimed_bytes": ("counter", frozenset()),
-    "writeback_bytes": ("counter", frozenset()),
-    "writeback_errors": ("counter", frozenset()),
-    "http_requests": ("counter", frozenset({"method", "status"})),
-    "http_request_duration_seconds": ("histogram", frozenset({"method"})),
-    "origin_request_duration_seconds": ("histogram", frozenset({"op"})),
-}
 
 
 class Scrape:
@@ -189,8 +166,8 @@ def test_every_design_metric_is_exposed(server: ServerProcess) -> None:
     got = scrape(server)
     # Exactly the metrics of the design: nothing missing, no extra series
     # (such as prometheus-client's ``*_created`` gauges).
-    assert set(got.types) == {f"cachesvc_{short}" for short in DESIGN_METRICS}
-    for short, (kind, labels) in DESIGN_METRICS.items():
+    assert set(got.types) == {f"cachesvc_{short}" for short in METRICS}
+    for short, (kind, labels) in METRICS.items():
         name = f"cachesvc_{short}"
         assert got.types.get(name) == kind, f"{name}: {got.types.get(name)}"
         sample_names = {

@@ -37,6 +37,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support.contract import METRICS, series_name
 from tests.support.prometheus import PROMETHEUS, PrometheusServer
 from tests.support.servers import free_port, stop_process, wait_for_http
 
@@ -47,35 +48,11 @@ NODES = ("cachesvc1", "cachesvc2", "cachesvc3")
 DATA_PORT = 8080
 ADMIN_PORT = 9090
 
-# The metric names and labels DESIGN.md ("Metrics") fixes, hard-coded so the
-# dashboard is checked against the contract without a running server; a live
-# test compares the same dashboard against a real /metrics.
+# DESIGN.md's metrics as queries name them -> label names.
 DESIGN_METRICS: dict[str, frozenset[str]] = {
-    # Gauges.
-    "cachesvc_memory_committed_bytes": frozenset({"kind"}),
-    "cachesvc_memory_mapped_bytes": frozenset(),
-    "cachesvc_memory_evictable_bytes": frozenset(),
-    "cachesvc_memory_dirty_bytes": frozenset(),
-    "cachesvc_memory_allocated_bytes": frozenset(),
-    "cachesvc_memory_file_size_bytes": frozenset(),
-    "cachesvc_memory_limit_bytes": frozenset(),
-    "cachesvc_open_files": frozenset(),
-    # Counters.
-    "cachesvc_cache_hit_bytes_total": frozenset(),
-    "cachesvc_cache_miss_bytes_total": frozenset(),
-    "cachesvc_origin_requests_total": frozenset({"op", "outcome"}),
-    "cachesvc_origin_bytes_total": frozenset({"direction"}),
-    "cachesvc_evictions_total": frozenset(),
-    "cachesvc_evicted_bytes_total": frozenset(),
-    "cachesvc_reclaimed_bytes_total": frozenset(),
-    "cachesvc_writeback_bytes_total": frozenset(),
-    "cachesvc_writeback_errors_total": frozenset(),
-    "cachesvc_http_requests_total": frozenset({"method", "status"}),
-    # Histograms (queried through their _bucket/_sum/_count series).
-    "cachesvc_http_request_duration_seconds": frozenset({"method"}),
-    "cachesvc_origin_request_duration_seconds": frozenset({"op"}),
+    series_name(short): labels for short, (_, labels) in METRICS.items()
 }
-HISTOGRAMS = {"cachesvc_http_request_duration_seconds", "cachesvc_origin_request_duration_seconds"}
+HISTOGRAMS = {series_name(s) for s, (kind, _) in METRICS.items() if kind == "histogram"}
 # Labels Prometheus attaches to every scraped series.
 TARGET_LABELS = frozenset({"instance", "job"})
 
