@@ -25,15 +25,17 @@ import logging
 import signal
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 import uvloop
 from aiohttp import web
-from aiohttp.typedefs import Middleware
 
 from cachesvc import __version__
 from cachesvc.api.admin import make_admin_app
-from cachesvc.api.data import make_data_app
-from cachesvc.api.errors import Handler
+from cachesvc.api.data import STATE_KEY, make_data_app
+from cachesvc.api.fastconn import FastSite
+from cachesvc.api.fastpath import FastReads
+from cachesvc.api.inflight import InFlight
 from cachesvc.api.metrics import Metrics
 from cachesvc.api.writes import runner_options
 from cachesvc.config import Config
@@ -51,41 +53,6 @@ USAGE_REFRESH_SECONDS = 1.0
 LINGER_SECONDS = 1.0
 
 
-class InFlight:
-    """Counts requests being handled on both listeners, so that shutdown can
-    wait for them. All fields are protected by the event loop."""
-
-    def __init__(self) -> None:
-        self.count = 0  # handlers running
-        self.stopping = False  # set once shutdown begins
-        self._idle = asyncio.Event()  # set whenever count is zero
-        self._idle.set()
-
-    def middleware(self) -> Middleware:
-        """The outermost middleware of an app: counts its requests."""
-
-        @web.middleware
-        async def count_in_flight(request: web.Request, handler: Handler) -> web.StreamResponse:
-            self.count += 1
-            self._idle.clear()
-            try:
-                response = await handler(request)
-            finally:
-                self.count -= 1
-                if self.count == 0:
-                    self._idle.set()
-            if self.stopping:
-                # The listener is gone: do not keep the connection alive.
-                response.force_close()
-            return response
-
-        return count_in_flight
-
-    async def wait_idle(self) -> None:
-        """Waits until no request is in flight (the caller bounds the wait)."""
-        await self._idle.wait()
-
-
 @dataclass(slots=True)
 class Service:
     """Everything one running server owns."""
@@ -95,7 +62,8 @@ class Service:
     memfile: MemoryFile
     origin: InstrumentedOrigin
     metrics: Metrics
-    runners: list[web.AppRunner]
+    runners: list[web.AppRunner]  # data, admin
+    data_site: FastSite
     refresher: asyncio.Task[None]
     in_flight: InFlight
 
@@ -127,27 +95,49 @@ async def start(config: Config) -> Service:
     cache = FileCache(origin, memfile, cache_options(config))
     cache.start()
     metrics.watch_cache(cache)
-    runners: list[web.AppRunner] = []
     in_flight = InFlight()
-    for app, address, options in (
-        (make_data_app(cache, config, metrics), config.listen, runner_options()),
-        (make_admin_app(cache, config, metrics), config.admin_listen, {}),
-    ):
-        app.middlewares.insert(0, in_flight.middleware())
-        runner = web.AppRunner(
-            app,
-            handle_signals=False,
-            access_log=None,
-            # stop() has waited out the grace period already.
-            shutdown_timeout=min(LINGER_SECONDS, config.shutdown_grace),
-            **options,
-        )
-        await runner.setup()
-        site = web.TCPSite(runner, address.host, address.port, reuse_address=True)
-        await site.start()
-        runners.append(runner)
+    data_app = make_data_app(cache, config, metrics)
+    data_runner = await _runner(data_app, in_flight, config, runner_options())
+    data_site = FastSite(
+        data_runner,
+        config.listen.host,
+        config.listen.port,
+        FastReads(data_app[STATE_KEY], in_flight),
+        reuse_address=True,
+    )
+    await data_site.start()
+    admin_runner = await _runner(make_admin_app(cache, config, metrics), in_flight, config, {})
+    await web.TCPSite(
+        admin_runner, config.admin_listen.host, config.admin_listen.port, reuse_address=True
+    ).start()
     refresher = asyncio.create_task(_refresh_usage(memfile), name="usage refresher")
-    return Service(config, cache, memfile, origin, metrics, runners, refresher, in_flight)
+    return Service(
+        config,
+        cache,
+        memfile,
+        origin,
+        metrics,
+        [data_runner, admin_runner],
+        data_site,
+        refresher,
+        in_flight,
+    )
+
+
+async def _runner(
+    app: web.Application, in_flight: InFlight, config: Config, options: dict[str, Any]
+) -> web.AppRunner:
+    app.middlewares.insert(0, in_flight.middleware())
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        access_log=None,
+        # stop() has waited out the grace period already.
+        shutdown_timeout=min(LINGER_SECONDS, config.shutdown_grace),
+        **options,
+    )
+    await runner.setup()
+    return runner
 
 
 def bound_addresses(service: Service) -> list[str]:
@@ -186,6 +176,7 @@ async def stop(service: Service) -> int:
             in_flight.count,
             grace,
         )
+    service.data_site.close_idle()
     for runner in service.runners:
         # Closes idle keep-alive connections; cancels handlers still running.
         await runner.cleanup()

@@ -48,7 +48,7 @@ from cachesvc.api.httpranges import (
     unsatisfied_content_range,
 )
 from cachesvc.api.metrics import Metrics
-from cachesvc.api.paths import BadPath, RequestPath, decode_raw_path, validate_path
+from cachesvc.api.paths import FILES_PREFIX, BadPath, RequestPath, decode_raw_path, validate_path
 from cachesvc.api.responses import (
     SMALL_BODY,
     BodyPlan,
@@ -74,7 +74,6 @@ from cachesvc.origins.http import INSTANCE_HEADER
 
 access_log = logging.getLogger("cachesvc.access")
 
-FILES_PREFIX = "/files/"
 # Methods counted under their own name in metrics; others are "OTHER".
 KNOWN_METHODS = frozenset({"GET", "HEAD", "PUT", "PATCH", "POST", "DELETE", "OPTIONS"})
 FILE_METHODS = "GET, HEAD, PUT, PATCH, POST, DELETE"
@@ -140,26 +139,46 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
         status = 500
         raise
     finally:
-        seconds = time.monotonic() - started
-        method = request.method if request.method in KNOWN_METHODS else "OTHER"
-        request.app[STATE_KEY].metrics.observe_request(method, status, seconds)
-        if access_log.isEnabledFor(logging.INFO):  # skip building the record
-            path = request.rel_url.raw_path_qs[:1024]
-            access_log.info(
-                "%s %s %d",
-                method,
-                path,
-                status,
-                extra={
-                    "method": method,
-                    "path": path,
-                    "status": status,
-                    "bytes": sent,
-                    "duration": round(seconds, 6),
-                    "cache": transfer.cache_status,
-                    **({"aborted": transfer.aborted} if transfer.aborted else {}),
-                },
-            )
+        record_request(
+            request.app[STATE_KEY].metrics,
+            request.method,
+            request.rel_url.raw_path_qs,
+            status,
+            sent,
+            time.monotonic() - started,
+            transfer,
+        )
+
+
+def record_request(
+    metrics: Metrics,
+    method: str,
+    target: str,
+    status: int,
+    sent: int,
+    seconds: float,
+    transfer: Transfer,
+) -> None:
+    """Counts one answered request and writes its access log line."""
+    method = method if method in KNOWN_METHODS else "OTHER"
+    metrics.observe_request(method, status, seconds)
+    if access_log.isEnabledFor(logging.INFO):  # skip building the record
+        path = target[:1024]
+        access_log.info(
+            "%s %s %d",
+            method,
+            path,
+            status,
+            extra={
+                "method": method,
+                "path": path,
+                "status": status,
+                "bytes": sent,
+                "duration": round(seconds, 6),
+                "cache": transfer.cache_status,
+                **({"aborted": transfer.aborted} if transfer.aborted else {}),
+            },
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -263,7 +282,7 @@ def _sync_requested(request: web.Request) -> bool:
 
 
 @functools.lru_cache(maxsize=4096)
-def _content_type(path: str) -> str:
+def content_type(path: str) -> str:
     return mimetypes.guess_type(path, strict=False)[0] or "application/octet-stream"
 
 
@@ -309,7 +328,7 @@ async def read_file(request: web.Request, state: DataState, path: str) -> web.St
             if _check_preconditions(request, snap) == 304:
                 return web.Response(status=304, headers=snap.headers())
             ranges = _requested_ranges(request, snap, state.config.max_ranges)
-            plan = BodyPlan.build(snap, ranges, _content_type(path))
+            plan = BodyPlan.build(snap, ranges, content_type(path))
             if request.method == "HEAD":
                 return head_response(plan)
             try:

@@ -78,6 +78,8 @@ _OWS = " \t"
 # One range-spec: "first-[last]" or "-suffix", OWS allowed around each token.
 # [0-9] (not \d) so that only ASCII digits match.
 _RANGE_SPEC = re.compile(r"[ \t]*(?:([0-9]+)[ \t]*-[ \t]*([0-9]*)|-[ \t]*([0-9]+))[ \t]*")
+# "bytes=first-last" with numbers below 10**18 (so below MAX_OFFSET).
+_FIRST_LAST = re.compile(r"bytes=([0-9]{1,18})-([0-9]{1,18})")
 _CONTENT_RANGE = re.compile(r"bytes[ \t]+([0-9]+)-([0-9]+)/([0-9]+|\*)", re.ASCII | re.IGNORECASE)
 _UPDATE_RANGE = re.compile(r"bytes=(?:([0-9]+)-([0-9]*)|-([0-9]+))", re.ASCII | re.IGNORECASE)
 _DIGITS = re.compile(r"[0-9]+")
@@ -114,8 +116,7 @@ class RangeKind(enum.Enum):
     SATISFIABLE = "satisfiable"  # 206 with these ranges
 
 
-@dataclass(frozen=True, slots=True)
-class RangeOutcome:
+class RangeOutcome(NamedTuple):
     """The result of :func:`parse_range`. Immutable."""
 
     kind: RangeKind
@@ -153,6 +154,12 @@ def parse_range(header: str, size: int, max_ranges: int) -> RangeOutcome:
         raise ValueError(f"file size {size} out of bounds")
     if max_ranges < 1:
         raise ValueError(f"max_ranges must be at least 1, not {max_ranges}")
+    simple = _FIRST_LAST.fullmatch(header)
+    if simple is not None:
+        # The common "bytes=first-last": the rules below in one step.
+        low, high = int(simple[1]), int(simple[2])
+        if low <= high and low < size:
+            return RangeOutcome(RangeKind.SATISFIABLE, (Range(low, min(high + 1, size)),))
     unit, equals, range_set = header.strip(_OWS).partition("=")
     if not equals or not unit.isascii() or unit.lower() != "bytes":
         return _ignore("not a bytes range")

@@ -191,7 +191,7 @@ async def small_body(
     pieces = plan.pieces
     body: bytes | bytearray
     if len(pieces) == 1 and isinstance(pieces[0], Range):
-        body = await _range_bytes(inode, pieces[0], snap, transfer)
+        body = await range_bytes(inode, pieces[0], snap, transfer)
     else:
         body = bytearray(plan.length)
         out = memoryview(body)
@@ -200,7 +200,7 @@ async def small_body(
             data = (
                 piece
                 if isinstance(piece, bytes)
-                else await _range_bytes(inode, piece, snap, transfer)
+                else await range_bytes(inode, piece, snap, transfer)
             )
             out[pos : pos + len(data)] = data
             pos += len(data)
@@ -210,9 +210,7 @@ async def small_body(
     return body
 
 
-async def _range_bytes(
-    inode: CachingInode, rng: Range, snap: Snapshot, transfer: Transfer
-) -> bytes:
+async def range_bytes(inode: CachingInode, rng: Range, snap: Snapshot, transfer: Transfer) -> bytes:
     """A copy of ``rng``: from the cache under data_mu, or through a mapping on a miss."""
     cached = await inode.read_cached(rng.start, rng.length)
     if cached is not None and len(cached) == rng.length:

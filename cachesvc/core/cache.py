@@ -120,6 +120,18 @@ class FileCache:
     def lookup(self, path: str) -> CachingInode | None:
         return self._inodes.get(path)
 
+    def peek(self, path: str) -> CachingInode | None:
+        """The inode of ``path`` if it is in the table and due for no
+        revalidation: what a read may use without suspending. Counts as a
+        use (recency), like :meth:`open`."""
+        inode = self._inodes.get(path)
+        if inode is None:
+            return None
+        if time.monotonic() - self._validated.get(path, 0.0) >= self.options.revalidate:
+            return None
+        self._inodes.move_to_end(path)
+        return inode
+
     @contextlib.asynccontextmanager
     async def open(self, path: str, *, create: bool = False) -> AsyncIterator[CachingInode]:
         """Yields the inode of ``path``, creating it at the origin if asked.

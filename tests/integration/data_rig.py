@@ -23,7 +23,10 @@ import uvloop
 from aiohttp import web
 from yarl import URL
 
-from cachesvc.api.data import make_data_app
+from cachesvc.api.data import STATE_KEY, make_data_app
+from cachesvc.api.fastconn import FastSite
+from cachesvc.api.fastpath import FastReads
+from cachesvc.api.inflight import InFlight
 from cachesvc.api.metrics import Metrics
 from cachesvc.api.writes import runner_options
 from cachesvc.config import Config, HostPort
@@ -59,6 +62,7 @@ class DataServer:
     header_timeout: float = 30.0
     port: int = 0
     cache: FileCache | None = None
+    site: FastSite | None = None
     metrics: Metrics = field(default_factory=Metrics)
     _loop: asyncio.AbstractEventLoop | None = None
     _stop: asyncio.Event | None = None
@@ -95,21 +99,26 @@ class DataServer:
         cache = FileCache(origin, memfile, self.cache_options)
         cache.start()
         self.cache = cache
+        app = make_data_app(cache, self.config, self.metrics)
         runner = web.AppRunner(
-            make_data_app(cache, self.config, self.metrics),
+            app,
             access_log=None,
             handle_signals=False,
             shutdown_timeout=5.0,
             **runner_options(self.header_timeout),
         )
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
+        # The production listener: connections start on the fast read path.
+        reads = FastReads(app[STATE_KEY], InFlight(), idle_timeout=self.header_timeout)
+        site = FastSite(runner, "127.0.0.1", 0, reads)
         await site.start()
+        self.site = site
         self.port = runner.addresses[0][1]
         self._ready.set()
         try:
             await self._stop.wait()
         finally:
+            site.close_idle()
             await runner.cleanup()
             await cache.close()
             await memfile.close()
@@ -124,6 +133,11 @@ class DataServer:
 
         future: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(run(), self._loop)
         return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
+
+    def fast_connections(self) -> int:
+        """Connections still on the fast read path (not handed to aiohttp)."""
+        assert self.site is not None
+        return len(self.site.connections)
 
     def stop(self) -> None:
         if self._loop is not None and self._stop is not None and not self._loop.is_closed():

@@ -4,12 +4,14 @@ write-back, faults, eviction, pins and revalidation."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 from pathlib import Path
 
 import pytest
 
 from cachesvc.core.errors import CacheFull
+from cachesvc.core.ranges import Range
 from cachesvc.origins.base import OriginNoSpace, OriginNotFound, OriginUnavailable
 from tests.support.content import pattern
 from tests.unit.cache_fixtures import cache_rig
@@ -328,3 +330,32 @@ async def test_inode_limit_evicts_the_least_recently_used_files(tmp_path: Path) 
             await asyncio.sleep(0.01)
         assert [inode.path for inode in rig.cache.files()] == ["f3.bin", "f4.bin"]
         assert rig.cache.counters.evicted_bytes > 0
+
+
+async def test_read_cached_now_copies_without_suspending_unless_a_writer_holds_data(
+    tmp_path: Path,
+) -> None:
+    data = make_file(tmp_path / "o", "f.bin", 32 * MiB)
+    async with cache_rig(tmp_path / "o") as rig, rig.cache.open("f.bin") as inode:
+        assert inode.read_cached_now(0, 100) is None  # nothing cached yet
+        await inode.read(0, 2 * MiB)
+        assert inode.read_cached_now(10, 100) == data[10:110]
+        assert inode.read_cached_now(MiB - 5, MiB) == data[MiB - 5 : 2 * MiB - 5]
+        gap = inode.cache_set.gaps(Range(0, 32 * MiB))[0]
+        assert inode.read_cached_now(gap.start - 10, 20) is None  # half cached
+        await inode.data_mu.acquire_write()
+        try:
+            assert inode.read_cached_now(10, 100) is None
+        finally:
+            inode.data_mu.release_write()
+        assert inode.read_cached_now(10, 100) == data[10:110]
+
+
+async def test_peek_finds_only_files_needing_no_revalidation(tmp_path: Path) -> None:
+    make_file(tmp_path / "o", "f.bin", 100)
+    async with cache_rig(tmp_path / "o") as rig:
+        assert rig.cache.peek("f.bin") is None
+        async with rig.cache.open("f.bin") as inode:
+            assert rig.cache.peek("f.bin") is inode
+        rig.cache.options = dataclasses.replace(rig.cache.options, revalidate=0.0)
+        assert rig.cache.peek("f.bin") is None

@@ -1,0 +1,236 @@
+"""The data listener's connections: the fast read path first, aiohttp after.
+
+:class:`FastConnection` is the protocol of every accepted connection (see
+:mod:`cachesvc.api.fastpath` for what it answers and why). It keeps the
+bytes received but not yet answered; requests are answered strictly in
+order, one at a time, so pipelined requests keep their order, also across
+the hand-off to aiohttp, which receives the unanswered bytes as if they had
+just arrived. :class:`FastSite` listens with it in place of aiohttp's
+protocol, as a site of the data app's runner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import cast
+
+from aiohttp import web
+
+from cachesvc.api.fastpath import FastReads, Reply
+from cachesvc.api.simplehttp import HEAD_END, SimpleRequest, parse_simple
+
+# Unanswered bytes buffered before a connection stops reading.
+MAX_BUFFERED = 64 << 10
+
+
+class FastConnection(asyncio.Protocol):
+    """One client connection until it is handed to aiohttp. All fields are
+    protected by the event loop."""
+
+    def __init__(
+        self,
+        reads: FastReads,
+        fallback: Callable[[], asyncio.Protocol],
+        connections: set[FastConnection],
+    ) -> None:
+        self._reads = reads
+        self._connections = connections  # the listener's open fast connections
+        self._fallback = fallback  # makes aiohttp's protocol for a hand-off
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None  # None once closed or handed off
+        self._buffer = bytearray()  # received, not yet answered
+        self._answering: asyncio.Task[None] | None = None  # an answer that awaits
+        self._reading = True
+        self._writing = True  # False while the transport's buffer is full
+        self._eof = False
+        self._last_active = self._loop.time()
+        self._idle_timer: asyncio.TimerHandle | None = None
+
+    # Protocol callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's TCP transport implements asyncio.Transport without
+        # deriving from it.
+        self._transport = cast(asyncio.Transport, transport)
+        self._connections.add(self)
+        self._idle_timer = self._loop.call_later(self._reads.idle_timeout, self._check_idle)
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        if self._answering is None:
+            self._answer_buffered()
+        elif len(self._buffer) > MAX_BUFFERED:
+            self._pause_reading()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        # Keep the transport open while an answer is being prepared.
+        return self._answering is not None
+
+    def pause_writing(self) -> None:
+        self._writing = False
+        self._pause_reading()
+
+    def resume_writing(self) -> None:
+        self._writing = True
+        if self._answering is None and self._transport is not None:
+            self._resume_reading()
+            self._answer_buffered()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._forget()
+        if self._answering is not None:
+            self._answering.cancel()
+
+    # Answering
+
+    def _answer_buffered(self) -> None:
+        """Answers the complete requests buffered, in order, until one needs
+        an await, the client stops reading, or a hand-off."""
+        while self._transport is not None and self._writing:
+            end = self._buffer.find(HEAD_END)
+            if end < 0:
+                if self._buffer:
+                    self._hand_off()  # an incomplete head: aiohttp's deadlines apply
+                elif self._eof:
+                    self._close()
+                else:
+                    self._resume_reading()
+                return
+            request = parse_simple(bytes(self._buffer[:end]))
+            if request is None:
+                self._hand_off()
+                return
+            started = time.monotonic()
+            reply = self._reads.answer_now(request)
+            if reply is None:
+                self._pause_reading()
+                self._answering = self._loop.create_task(
+                    self._answer_later(request, started), name="fast read"
+                )
+                return
+            self._send(request, reply, end + len(HEAD_END), started)
+
+    async def _answer_later(self, request: SimpleRequest, started: float) -> None:
+        in_flight = self._reads.in_flight
+        in_flight.enter()
+        try:
+            reply = await self._reads.answer(request)
+        except asyncio.CancelledError:  # the connection was lost
+            self._reads.record(request, None, started)
+            raise
+        finally:
+            in_flight.leave()
+        self._answering = None
+        if self._transport is None:
+            return
+        if reply is None:
+            self._hand_off()
+            return
+        self._send(request, reply, self._buffer.find(HEAD_END) + len(HEAD_END), started)
+        self._answer_buffered()
+
+    def _send(self, request: SimpleRequest, reply: Reply, consumed: int, started: float) -> None:
+        """Writes ``reply`` to the request whose head is the first
+        ``consumed`` bytes of the buffer."""
+        transport = self._transport
+        assert transport is not None
+        del self._buffer[:consumed]
+        close = not request.keep_alive or self._reads.in_flight.stopping
+        # uvloop sends both buffers with one writev(2).
+        transport.writelines((self._reads.encode(reply, close), reply.body))
+        self._last_active = self._loop.time()
+        self._reads.record(request, reply, started)
+        if close:
+            self._close()
+
+    # Connection state
+
+    def _hand_off(self) -> None:
+        """Gives the connection, and every byte not answered, to aiohttp."""
+        transport = self._transport
+        assert transport is not None
+        self._forget()
+        protocol = self._fallback()
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        if not self._writing:
+            protocol.pause_writing()  # resume_writing now goes to aiohttp
+        if self._buffer:
+            protocol.data_received(bytes(self._buffer))
+            self._buffer.clear()
+        if self._eof:
+            protocol.eof_received()
+        if not self._reading:
+            transport.resume_reading()
+
+    def close_if_idle(self) -> None:
+        """Closes the connection unless it is answering (shutdown)."""
+        if self._answering is None:
+            self._close()
+
+    def _check_idle(self) -> None:
+        """Closes a connection that has had no request for the idle timeout."""
+        if self._transport is None:
+            return
+        due = self._last_active + self._reads.idle_timeout
+        if self._answering is None and self._loop.time() >= due:
+            self._close()
+            return
+        self._idle_timer = self._loop.call_at(max(due, self._loop.time() + 1.0), self._check_idle)
+
+    def _close(self) -> None:
+        transport = self._transport
+        self._forget()
+        if transport is not None:
+            transport.close()
+
+    def _forget(self) -> None:
+        """Detaches from the transport and the listener's connection set."""
+        self._transport = None
+        self._connections.discard(self)
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+    def _pause_reading(self) -> None:
+        if self._reading and self._transport is not None:
+            self._reading = False
+            self._transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if not self._reading and self._transport is not None:
+            self._reading = True
+            self._transport.resume_reading()
+
+
+class FastSite(web.TCPSite):
+    """A TCP site of the data runner whose connections start on the fast path."""
+
+    def __init__(
+        self, runner: web.BaseRunner, host: str, port: int, reads: FastReads, **kwargs: object
+    ) -> None:
+        super().__init__(runner, host, port, **kwargs)  # type: ignore[arg-type]
+        self._reads = reads
+        self.connections: set[FastConnection] = set()  # open, not handed off
+
+    def close_idle(self) -> None:
+        """Closes every fast connection that is not answering a request."""
+        for connection in list(self.connections):
+            connection.close_if_idle()
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # registers the site with the runner
+        server = self._runner.server
+        assert server is not None
+        reads, connections = self._reads, self.connections
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: FastConnection(reads, server, connections),
+            self._host,
+            self._port,
+            backlog=self._backlog,
+            reuse_address=self._reuse_address,
+        )
+        self._bound_port = self._server.sockets[0].getsockname()[1]

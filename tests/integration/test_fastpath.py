@@ -1,0 +1,263 @@
+"""The fast read path against aiohttp's handler, over real sockets.
+
+Every request is sent twice on raw connections: as is (the fast path may
+answer it) and with one extra header (never simple, so aiohttp answers).
+Both answers must be the same bytes but for ``Date``. Whether the fast path
+kept a connection (it answered) or handed it to aiohttp is read from the
+listener's set of fast connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.integration.data_rig import DataServer, KiB, serving, write_file
+
+SMALL = 10_000
+LARGE = 300 * KiB  # above SMALL_BODY: not answered by the fast path
+TIMEOUT = 10.0
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[DataServer]:
+    root = tmp_path / "root"
+    write_file(root / "f.bin", 1, SMALL)
+    write_file(root / "large.bin", 2, LARGE)
+    write_file(root / "d" / "a b.txt", 3, 100)
+    write_file(root / "cold.bin", 4, SMALL)
+    (root / "empty").write_bytes(b"")
+    with serving(root, max_ranges=4) as srv:
+        yield srv
+
+
+@dataclass
+class Answer:
+    status_line: bytes
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+    def header(self, name: bytes) -> bytes | None:
+        return next((v for k, v in self.headers if k.lower() == name.lower()), None)
+
+    def comparable(self) -> tuple[bytes, list[tuple[bytes, bytes]], bytes]:
+        """Without Date, and with a multipart boundary (random) replaced."""
+        headers = [(k, v) for k, v in self.headers if k != b"Date"]
+        body = self.body
+        _, _, boundary = (self.header(b"Content-Type") or b"").partition(b"boundary=")
+        if boundary:
+            headers = [(k, v.replace(boundary, b"B")) for k, v in headers]
+            body = body.replace(boundary, b"B")
+        return self.status_line, headers, body
+
+
+class Connection:
+    """One raw HTTP/1.1 connection."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def answer(self, method: str = "GET") -> Answer:
+        async with asyncio.timeout(TIMEOUT):
+            head = await self.reader.readuntil(b"\r\n\r\n")
+            lines = head[:-4].split(b"\r\n")
+            headers = [tuple(line.split(b": ", 1)) for line in lines[1:]]
+            answer = Answer(lines[0], headers, b"")  # type: ignore[arg-type]
+            length = int(answer.header(b"Content-Length") or 0)
+            if method != "HEAD":
+                answer.body = await self.reader.readexactly(length)
+            return answer
+
+    async def closed(self) -> bool:
+        async with asyncio.timeout(TIMEOUT):
+            return await self.reader.read(1) == b""
+
+
+@pytest.fixture
+async def connect(server: DataServer) -> AsyncIterator[object]:
+    opened: list[Connection] = []
+
+    async def open_connection() -> Connection:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        opened.append(Connection(reader, writer))
+        return opened[-1]
+
+    yield open_connection
+    for connection in opened:
+        connection.writer.close()
+
+
+def request(method: str, target: str, *headers: str) -> bytes:
+    lines = [f"{method} {target} HTTP/1.1", "Host: 127.0.0.1", *headers, "", ""]
+    return "\r\n".join(lines).encode()
+
+
+async def both_ways(
+    server: DataServer, connect: object, method: str, target: str, *headers: str
+) -> tuple[Answer, Answer, bool]:
+    """The answer as is and through aiohttp, and whether the fast path kept
+    the first connection."""
+    fast = await connect()  # type: ignore[operator]
+    await fast.send(request(method, target, *headers))
+    first = await fast.answer(method)
+    kept = server.fast_connections() >= 1
+    slow = await connect()  # type: ignore[operator]
+    await slow.send(request(method, target, *headers, "X-Not-Simple: 1"))
+    second = await slow.answer(method)
+    fast.writer.close()
+    slow.writer.close()
+    return first, second, kept
+
+
+# (method, target, headers, answered by the fast path)
+CASES = [
+    ("GET", "/files/f.bin", (), True),
+    ("HEAD", "/files/f.bin", (), True),
+    ("GET", "/files/f.bin", ("Range: bytes=0-99",), True),
+    ("GET", "/files/f.bin", ("Range: bytes=9990-20000",), True),
+    ("GET", "/files/f.bin", ("Range: bytes=-10",), True),
+    ("GET", "/files/f.bin", ("Range: bytes=100-",), True),
+    ("GET", "/files/f.bin", ("range:  bytes = 5-6 ",), True),
+    ("GET", "/files/f.bin", ("Range: bytes=0-0,2-3",), False),  # multipart
+    ("GET", "/files/f.bin", ("Range: bytes=20000-",), False),  # 416
+    ("GET", "/files/f.bin", ("Range: pages=1-2",), True),  # ignored: 200
+    ("GET", "/files/f.bin", ("Range: bytes=5-1",), True),  # ignored: 200
+    ("HEAD", "/files/f.bin", ("Range: bytes=0-99",), True),
+    ("GET", "/files/empty", (), True),
+    ("GET", "/files/empty", ("Range: bytes=0-5",), True),  # ignored: 200
+    ("GET", "/files/d/a%20b.txt", ("Connection: keep-alive",), True),
+    ("GET", "/files/large.bin", (), False),
+    ("GET", "/files/large.bin", ("Range: bytes=0-4095",), True),
+    ("GET", "/files/large.bin", ("Range: bytes=0-300000",), False),
+    ("GET", "/files/nope", (), False),
+    ("GET", "/files/d/", (), False),
+    ("GET", "/files/d", (), False),
+    ("GET", "/files/../f.bin", (), False),
+    ("GET", "/files/f.bin", ("If-None-Match: *",), False),
+    ("GET", "/files/f.bin?x=1", (), False),
+    ("HEAD", "/files/cold.bin", (), True),
+]
+
+
+@pytest.mark.parametrize(("method", "target", "headers", "fast"), CASES)
+async def test_fast_answers_equal_aiohttp_answers(
+    server: DataServer,
+    connect: object,
+    method: str,
+    target: str,
+    headers: tuple[str, ...],
+    fast: bool,
+) -> None:
+    first, second, kept = await both_ways(server, connect, method, target, *headers)
+    assert first.comparable() == second.comparable()
+    assert first.header(b"Date") is not None
+    assert kept == fast
+
+
+async def test_cold_file_is_filled_without_leaving_the_fast_path(
+    server: DataServer, connect: object
+) -> None:
+    connection = await connect()  # type: ignore[operator]
+    for _ in range(2):  # a miss (filled in a task), then a hit
+        await connection.send(request("GET", "/files/cold.bin", "Range: bytes=10-19"))
+        answer = await connection.answer()
+        assert answer.status_line == b"HTTP/1.1 206 Partial Content"
+        assert answer.body == (server.root / "cold.bin").read_bytes()[10:20]
+        assert server.fast_connections() == 1
+
+
+async def test_pipelined_requests_keep_their_order_across_the_hand_off(
+    server: DataServer, connect: object
+) -> None:
+    connection = await connect()  # type: ignore[operator]
+    new = b"0123456789"
+    await connection.send(
+        request("GET", "/files/f.bin", "Range: bytes=0-9")  # hit or miss: fast
+        + request("HEAD", "/files/cold.bin")
+        + request("PUT", "/files/f.bin", "Content-Range: bytes 0-9/*", "Content-Length: 10")
+        + new
+        + request("GET", "/files/f.bin", "Range: bytes=0-9")  # after the hand-off
+    )
+    old = (server.root / "f.bin").read_bytes()[:10]
+    first = await connection.answer()
+    assert (first.status_line, first.body) == (b"HTTP/1.1 206 Partial Content", old)
+    second = await connection.answer("HEAD")
+    assert second.header(b"Content-Length") == str(SMALL).encode()
+    third = await connection.answer()
+    assert third.status_line == b"HTTP/1.1 204 No Content"
+    fourth = await connection.answer()
+    assert fourth.body == new
+    assert fourth.header(b"ETag") != first.header(b"ETag")
+    assert server.fast_connections() == 0
+
+
+async def test_a_write_is_seen_by_the_next_fast_read(server: DataServer, connect: object) -> None:
+    reader = await connect()  # type: ignore[operator]
+    await reader.send(request("GET", "/files/f.bin", "Range: bytes=0-3"))
+    before = await reader.answer()
+    writer = await connect()  # type: ignore[operator]
+    await writer.send(
+        request("PATCH", "/files/f.bin", "Content-Range: bytes 0-3/*", "Content-Length: 4")
+        + b"abcd"
+    )
+    assert (await writer.answer()).status_line == b"HTTP/1.1 204 No Content"
+    await reader.send(request("GET", "/files/f.bin", "Range: bytes=0-3"))
+    after = await reader.answer()
+    assert after.body == b"abcd"
+    assert after.header(b"ETag") != before.header(b"ETag")
+    assert server.fast_connections() == 1
+
+
+async def test_an_incomplete_head_goes_to_aiohttp(server: DataServer, connect: object) -> None:
+    connection = await connect()  # type: ignore[operator]
+    whole = request("GET", "/files/f.bin", "Range: bytes=0-9")
+    await connection.send(whole[:20])
+    await asyncio.sleep(0.2)
+    await connection.send(whole[20:])
+    answer = await connection.answer()
+    assert answer.body == (server.root / "f.bin").read_bytes()[:10]
+    assert server.fast_connections() == 0
+
+
+async def test_connection_close_is_honoured(server: DataServer, connect: object) -> None:
+    connection = await connect()  # type: ignore[operator]
+    await connection.send(request("GET", "/files/f.bin", "Connection: close"))
+    answer = await connection.answer()
+    assert answer.header(b"Connection") == b"close"
+    assert len(answer.body) == SMALL
+    assert await connection.closed()
+
+
+async def test_idle_connections_are_closed(tmp_path: Path) -> None:
+    write_file(tmp_path / "root" / "f.bin", 1, SMALL)
+    with serving(tmp_path / "root", header_timeout=1.0) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        connection = Connection(reader, writer)
+        await connection.send(request("GET", "/files/f.bin"))
+        assert len((await connection.answer()).body) == SMALL
+        started = asyncio.get_running_loop().time()
+        assert await connection.closed()
+        waited = asyncio.get_running_loop().time() - started
+        assert 0.5 < waited < 5.0
+        writer.close()
+
+
+async def test_fast_answers_are_counted(server: DataServer, connect: object) -> None:
+    connection = await connect()  # type: ignore[operator]
+    for _ in range(3):
+        await connection.send(request("GET", "/files/f.bin", "Range: bytes=0-9"))
+        await connection.answer()
+    await connection.send(request("HEAD", "/files/f.bin"))
+    await connection.answer("HEAD")
+    text = server.metrics.exposition().decode()
+    assert 'cachesvc_http_requests_total{method="GET",status="206"} 3.0' in text
+    assert 'cachesvc_http_requests_total{method="HEAD",status="200"} 1.0' in text
