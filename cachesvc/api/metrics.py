@@ -2,14 +2,19 @@
 
 Gauges and cache counters come from a custom collector that reads the live,
 incrementally kept figures of the FileCache and MemoryFile at scrape time:
-a scrape is O(1) and never scans pages or blocks the loop. Request and
-origin metrics are ordinary prometheus-client counters and histograms,
-updated on the paths they measure. No label ever carries a file path.
+a scrape is O(1) and never scans pages or blocks the loop. Data requests
+are counted by :class:`RequestCollector` in plain integers on the event
+loop (prometheus-client's counters and histograms take a lock per update:
+about 5 us of a 4 KiB cached read's 95). Origin metrics are ordinary
+prometheus-client counters and histograms. No label ever carries a file
+path.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 from prometheus_client import (
     CollectorRegistry,
@@ -18,8 +23,14 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from cachesvc.core.cache import FileCache
 from cachesvc.core.memfile import MemoryKind
@@ -30,6 +41,11 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
+# The "le" labels of those buckets, formatted as prometheus-client's Histogram does.
+_BUCKET_LABELS = [
+    *(floatToGoString(bound) for bound in _LATENCY_BUCKETS),  # type: ignore[no-untyped-call]
+    "+Inf",
+]
 
 
 class CacheCollector(Collector):
@@ -86,6 +102,57 @@ class CacheCollector(Collector):
         yield counter("writeback_errors", "Failed write-backs.", counters.writeback_errors)
 
 
+@dataclass(slots=True)
+class _Durations:
+    """One method's duration histogram: a count per bucket (not cumulative;
+    the last bucket is +Inf) and the sum."""
+
+    buckets: list[int] = field(default_factory=lambda: [0] * (len(_LATENCY_BUCKETS) + 1))
+    total: float = 0.0
+
+
+class RequestCollector(Collector):
+    """``http_requests_total`` and ``http_request_duration_seconds`` of the
+    data listener. All fields are protected by the event loop (requests are
+    answered and scrapes are collected on it)."""
+
+    def __init__(self) -> None:
+        self._requests: dict[tuple[str, int], int] = {}  # (method, status) -> count
+        self._durations: dict[str, _Durations] = {}  # method -> histogram
+
+    def observe(self, method: str, status: int, seconds: float) -> None:
+        key = (method, status)
+        self._requests[key] = self._requests.get(key, 0) + 1
+        durations = self._durations.get(method)
+        if durations is None:
+            durations = self._durations[method] = _Durations()
+        # The first bucket whose upper bound is >= seconds, as Histogram does.
+        durations.buckets[bisect.bisect_left(_LATENCY_BUCKETS, seconds)] += 1
+        durations.total += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            f"{PREFIX}_http_requests",
+            "HTTP requests on the data listener.",
+            labels=["method", "status"],
+        )
+        for (method, status), count in sorted(self._requests.items()):
+            requests.add_metric([method, str(status)], count)
+        yield requests
+        durations = HistogramMetricFamily(
+            f"{PREFIX}_http_request_duration_seconds",
+            "Time to answer a data request.",
+            labels=["method"],
+        )
+        for method, histogram in sorted(self._durations.items()):
+            cumulative, running = [], 0
+            for bound, count in zip(_BUCKET_LABELS, histogram.buckets, strict=True):
+                running += count
+                cumulative.append((bound, running))
+            durations.add_metric([method], cumulative, sum_value=histogram.total)
+        yield durations
+
+
 class Metrics:
     """The metric objects of one server, in their own registry."""
 
@@ -95,19 +162,8 @@ class Metrics:
         # switch is process-wide; cachesvc has no other registry.
         disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=True)
-        self.http_requests = Counter(
-            f"{PREFIX}_http_requests",
-            "HTTP requests on the data listener.",
-            ["method", "status"],
-            registry=self.registry,
-        )
-        self.http_duration = Histogram(
-            f"{PREFIX}_http_request_duration_seconds",
-            "Time to answer a data request.",
-            ["method"],
-            buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
-        )
+        self.requests = RequestCollector()
+        self.registry.register(self.requests)
         self.origin_requests = Counter(
             f"{PREFIX}_origin_requests",
             "Calls to the origin.",
@@ -129,8 +185,6 @@ class Metrics:
         )
         for direction in ("in", "out"):
             self.origin_bytes.labels(direction)
-        # (method, status) -> (request counter, duration histogram) children.
-        self._request_children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
 
     def watch_cache(self, cache: FileCache) -> None:
         """Adds the gauges and counters read from ``cache`` at scrape time."""
@@ -146,17 +200,7 @@ class Metrics:
             self.origin_bytes.labels(direction).inc(nbytes)
 
     def observe_request(self, method: str, status: int, seconds: float) -> None:
-        # Label children are looked up once per (method, status): labels() is
-        # a measurable share of a small request's cost.
-        children = self._request_children.get((method, status))
-        if children is None:
-            children = (
-                self.http_requests.labels(method, str(status)),
-                self.http_duration.labels(method),
-            )
-            self._request_children[(method, status)] = children
-        children[0].inc()
-        children[1].observe(seconds)
+        self.requests.observe(method, status, seconds)
 
     def exposition(self) -> bytes:
         """The text exposition of every metric."""
