@@ -137,7 +137,8 @@ class FastReads:
         if path is None:
             return None
         try:
-            async with self.state.cache.open(path) as inode:
+            # Kept: a request handed to aiohttp finds the file's attributes.
+            async with self.state.cache.open(path, keep=True) as inode:
                 return await self._read(request, inode, path)
         except Exception as exc:  # aiohttp asks again and answers the error
             log.debug("fast path gives %s up: %r", path, exc)

@@ -133,11 +133,16 @@ class FileCache:
         return inode
 
     @contextlib.asynccontextmanager
-    async def open(self, path: str, *, create: bool = False) -> AsyncIterator[CachingInode]:
+    async def open(
+        self, path: str, *, create: bool = False, keep: bool = False
+    ) -> AsyncIterator[CachingInode]:
         """Yields the inode of ``path``, creating it at the origin if asked.
 
         Raises OriginNotFound if the file does not exist (and not ``create``).
-        The inode stays in the table while the block runs.
+        The inode stays in the table while the block runs, and after it if
+        ``keep`` (until the inode limit or a revalidation drops it): for a
+        caller that leaves the request to another handler, which would
+        otherwise ask the origin for the same attributes again.
         """
         inode = await self._get(path, create=create)
         inode.users += 1
@@ -145,7 +150,8 @@ class FileCache:
             yield inode
         finally:
             inode.users -= 1
-            self.forget_if_idle(inode)
+            if not keep:
+                self.forget_if_idle(inode)
 
     async def _get(self, path: str, *, create: bool) -> CachingInode:
         inode = self._inodes.get(path)
