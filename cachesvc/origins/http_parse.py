@@ -1,12 +1,12 @@
-"""What the HTTP origin's responses mean: the ``Content-Range`` of 206 and
-416 answers, version tokens and the validators that pin requests to them,
-nginx JSON directory listings, and unwanted statuses as OriginErrors (with
-the error body's message).
+"""What the HTTP origin's responses mean: response heads, the
+``Content-Range`` of 206 and 416 answers, version tokens and the validators
+that pin requests to them, nginx JSON directory listings, and unwanted
+statuses as OriginErrors (with the error body's message).
 
-Nothing here sends a request: :mod:`cachesvc.origins.http` does and hands
-the responses (or their headers) in; only ``status_error`` reads from a body
-(the start of an error body). Ranges here are HTTP's inclusive
-``first-last``, as on the wire.
+Nothing here sends a request: :mod:`cachesvc.origins.http` and
+:mod:`cachesvc.origins.http_reads` do and hand the heads (or the aiohttp
+responses) in; only ``status_error`` reads from a body (the start of an
+error body). Ranges here are HTTP's inclusive ``first-last``, as on the wire.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 
 import aiohttp
-from multidict import CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from cachesvc.origins.base import (
@@ -35,9 +35,11 @@ from cachesvc.origins.base import (
     OriginUnsupported,
 )
 
+_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: [^\r\n]*)?", re.ASCII)
+_HEADER_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+", re.ASCII)
 _CONTENT_RANGE = re.compile(r"bytes ([0-9]+)-([0-9]+)/([0-9]+|\*)", re.ASCII | re.IGNORECASE)
 _UNSATISFIED_RANGE = re.compile(r"bytes \*/([0-9]+)", re.ASCII | re.IGNORECASE)
-_ERROR_BODY_LIMIT = 1024  # bytes of an error body kept for the message
+ERROR_BODY_LIMIT = 1024  # bytes of an error body kept for the message
 
 
 class TransientUnavailable(OriginUnavailable):
@@ -49,6 +51,43 @@ class TransientTimeout(OriginTimeout):
 
 
 TRANSIENT = (TransientUnavailable, TransientTimeout)
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseHead:
+    """A parsed HTTP/1.x response head. Immutable."""
+
+    minor_version: int  # 1 for HTTP/1.1, 0 for HTTP/1.0
+    status: int
+    headers: CIMultiDictProxy[str]
+
+    @property
+    def keep_alive(self) -> bool:
+        """Whether the connection may carry another request after this response."""
+        values = self.headers.getall("Connection", [])
+        tokens = {t.strip().lower() for v in values for t in v.split(",")}
+        if self.minor_version == 0:
+            return "keep-alive" in tokens
+        return "close" not in tokens
+
+
+def parse_response_head(head: bytes, what: str) -> ResponseHead:
+    """The status line and header fields of ``head`` (without the blank line).
+
+    Strict where a mistake would misplace bytes: a malformed status line or
+    field, or an obsolete line folding, is an OriginUnavailable.
+    """
+    status_line, *lines = head.split(b"\r\n")
+    match = _STATUS_LINE.fullmatch(status_line)
+    if match is None:
+        raise OriginUnavailable(f"{what}: malformed status line {status_line[:100]!r}")
+    headers: CIMultiDict[str] = CIMultiDict()
+    for line in lines:
+        name, colon, value = line.partition(b":")
+        if not colon or _HEADER_NAME.fullmatch(name) is None:
+            raise OriginUnavailable(f"{what}: malformed header field {line[:100]!r}")
+        headers.add(name.decode("ascii"), value.strip(b" \t").decode("latin-1"))
+    return ResponseHead(int(match.group(1)), int(match.group(2)), CIMultiDictProxy(headers))
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,9 +163,9 @@ def stat_from(headers: CIMultiDictProxy[str], size: int) -> OriginStat:
     return OriginStat(size=size, mtime=mtime or 0.0, etag=token)
 
 
-def content_range(resp: aiohttp.ClientResponse, what: str) -> tuple[int, int, int | None]:
+def content_range(headers: CIMultiDictProxy[str], what: str) -> tuple[int, int, int | None]:
     """``(first, last, complete)`` of a 206's single ``Content-Range`` (inclusive)."""
-    values = resp.headers.getall("Content-Range", [])
+    values = headers.getall("Content-Range", [])
     match = _CONTENT_RANGE.fullmatch(values[0].strip()) if len(values) == 1 else None
     if match is None:
         raise OriginUnavailable(f"{what}: 206 with bad or missing Content-Range {values!r}")
@@ -137,9 +176,9 @@ def content_range(resp: aiohttp.ClientResponse, what: str) -> tuple[int, int, in
     return int(first), int(last), total
 
 
-def unsatisfied_size(resp: aiohttp.ClientResponse) -> int | None:
+def unsatisfied_size(headers: CIMultiDictProxy[str]) -> int | None:
     """The complete length a 416's ``Content-Range: bytes */N`` states, if any."""
-    match = _UNSATISFIED_RANGE.fullmatch(resp.headers.get("Content-Range", "").strip())
+    match = _UNSATISFIED_RANGE.fullmatch(headers.get("Content-Range", "").strip())
     return int(match.group(1)) if match else None
 
 
@@ -175,10 +214,28 @@ async def status_error(
     pinned: bool = False,
     write: bool = False,
 ) -> OriginError:
-    """The OriginError for an unwanted status (``pinned``: a 412 is a conflict)."""
-    status = resp.status
+    """The OriginError for an aiohttp response's unwanted status (see error_for_status)."""
+    try:
+        raw = await resp.content.read(ERROR_BODY_LIMIT)
+    except (aiohttp.ClientError, TimeoutError):
+        raw = b""
+    return error_for_status(resp.status, resp.headers, raw, method, url, pinned=pinned, write=write)
+
+
+def error_for_status(
+    status: int,
+    headers: CIMultiDictProxy[str],
+    body_start: bytes,
+    method: str,
+    url: URL,
+    *,
+    pinned: bool = False,
+    write: bool = False,
+) -> OriginError:
+    """The OriginError for an unwanted status (``pinned``: a 412 is a conflict),
+    with a message from the first ERROR_BODY_LIMIT bytes of the error body."""
     message = f"{method} {url}: HTTP {status}"
-    detail = await _error_detail(resp)
+    detail = _error_detail(body_start)
     if detail:
         message += f": {detail}"
     if status in (404, 410):
@@ -196,16 +253,12 @@ async def status_error(
     if status in (408, 429) or (status >= 500 and status != 501):
         return TransientUnavailable(message)
     if 300 <= status < 400:
-        message += f" (redirect to {resp.headers.get('Location', '?')} not followed)"
+        message += f" (redirect to {headers.get('Location', '?')} not followed)"
     return OriginUnavailable(message)
 
 
-async def _error_detail(resp: aiohttp.ClientResponse) -> str:
+def _error_detail(raw: bytes) -> str:
     """A short text from an error body: cachesvc's JSON ``message``, else its first line."""
-    try:
-        raw = await resp.content.read(_ERROR_BODY_LIMIT)
-    except (aiohttp.ClientError, TimeoutError):
-        return ""
     text = raw.decode("utf-8", "replace").strip()
     with contextlib.suppress(ValueError):
         data = json.loads(text)

@@ -630,29 +630,44 @@ MemoryFileMachine.TestCase.settings = settings(
 TestMemoryFileMachine = MemoryFileMachine.TestCase
 
 
-async def test_large_fills_are_faulted_in_before_the_reader_runs(mf: MemoryFile) -> None:
-    resident_before: list[Range] = []
+async def test_large_fills_are_faulted_in_while_the_reader_runs(mf: MemoryFile) -> None:
+    populate_done = asyncio.Event()
 
     async def reader(views: list[memoryview]) -> int:
-        # Nothing written yet: only a populate could have made these pages resident.
-        pieces = mf._chunks.address_pieces(rng_of(views))
-        resident_before.extend(hostmem.resident_runs(pieces))
+        # Writes nothing: only the populate can make these pages resident,
+        # and it runs while the reader does.
+        for _ in range(500):
+            if hostmem.resident_runs(mf._chunks.address_pieces(Range(0, 1 << 20))) == [
+                Range(0, 1 << 20)
+            ]:
+                populate_done.set()
+                break
+            await asyncio.sleep(0.01)
         return sum(len(v) for v in views)
-
-    def rng_of(views: list[memoryview]) -> Range:
-        return Range(0, sum(len(v) for v in views))
 
     rng, _ = await mf.allocate_and_fill(1 << 20, MemoryKind.PAGE_CACHE, reader)
     assert rng == Range(0, 1 << 20)
-    assert resident_before == [Range(0, 1 << 20)]
+    assert populate_done.is_set()
     # Small fills are not worth a thread hop: their pages stay untouched.
-    small_resident: list[Range] = []
-
-    async def small_reader(views: list[memoryview]) -> int:
-        small_resident.extend(hostmem.resident_runs(mf._chunks.address_pieces(small)))
-        return sum(len(v) for v in views)
-
     small = Range(1 << 20, (1 << 20) + 8192)
-    got, _ = await mf.allocate_and_fill(8192, MemoryKind.PAGE_CACHE, small_reader)
+    got, _ = await mf.allocate_and_fill(8192, MemoryKind.PAGE_CACHE, _length)
     assert got == small
-    assert small_resident == []
+    assert hostmem.resident_runs(mf._chunks.address_pieces(small)) == []
+
+
+async def test_a_failed_fill_waits_for_its_populate_before_freeing(mf: MemoryFile) -> None:
+    async def reader(views: list[memoryview]) -> int:
+        raise OSError("origin gone")
+
+    with pytest.raises(OSError, match="origin gone"):
+        await mf.allocate_and_fill(8 << 20, MemoryKind.PAGE_CACHE, reader)
+    # The populate had ended before the pages were freed: the reclaimer
+    # punches them out and nothing faults them back in afterwards.
+    await mf.wait_reclaimed()
+    await mf.update_usage()
+    assert mf.total_committed_bytes == 0
+    mf.check_invariants()
+
+
+async def _length(views: list[memoryview]) -> int:
+    return sum(len(v) for v in views)
