@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
 
-from benchmarks.peers import STOP_TIMEOUT, Peer, free_port, stop_process, wait_for_port
+from benchmarks.peers import STOP_TIMEOUT, Peer, free_port, pinned, stop_process, wait_for_port
 
 RCLONE = shutil.which("rclone") or "/usr/bin/rclone"
 NGINX_AUTOINDEX = "location / { autoindex on; }"
@@ -123,17 +123,21 @@ def _proxy_main(
     requests: Synchronized[int],
     sent: Synchronized[int],
     ready: multiprocessing.synchronize.Event,
+    cpus: set[int] | None,
 ) -> None:
     import uvloop
+
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus)
 
     uvloop.run(_serve_proxy(port, upstream_port, delay, requests, sent, ready))
 
 
 class LatencyProxy:
     """A child process proxying 127.0.0.1:``port`` to 127.0.0.1:``upstream_port``,
-    ``delay`` seconds before each request."""
+    ``delay`` seconds before each request, on ``cpus`` (all when None)."""
 
-    def __init__(self, upstream_port: int, delay: float) -> None:
+    def __init__(self, upstream_port: int, delay: float, cpus: set[int] | None = None) -> None:
         ctx = multiprocessing.get_context("spawn")
         self.port = free_port()  # Immutable.
         # Shared with the child, which only increments them.
@@ -142,7 +146,7 @@ class LatencyProxy:
         ready = ctx.Event()
         self._process = ctx.Process(
             target=_proxy_main,
-            args=(self.port, upstream_port, delay, self._requests, self._sent, ready),
+            args=(self.port, upstream_port, delay, self._requests, self._sent, ready, cpus),
             daemon=True,
         )
         self._process.start()
@@ -193,8 +197,11 @@ def rclone_version() -> str:
 
 
 @contextlib.contextmanager
-def rclone_http_server(origin_url: str, cache_dir: Path, log_path: Path) -> Iterator[Peer]:
-    """``rclone serve http --vfs-cache-mode full`` of the HTTP remote ``origin_url``."""
+def rclone_http_server(
+    origin_url: str, cache_dir: Path, log_path: Path, *, cpus: str | None = None
+) -> Iterator[Peer]:
+    """``rclone serve http --vfs-cache-mode full`` of the HTTP remote ``origin_url``,
+    under ``taskset -c cpus`` if given (Go then runs as many threads as CPUs)."""
     port = free_port()
     argv = [
         RCLONE, "serve", "http", f":http,url='{origin_url}':",
@@ -207,8 +214,9 @@ def rclone_http_server(origin_url: str, cache_dir: Path, log_path: Path) -> Iter
     env = {**os.environ, "RCLONE_CONFIG": str(log_path.with_suffix(".no-such-conf"))}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
+            pinned(argv, cpus), stdout=log, stderr=subprocess.STDOUT, env=env,
+            start_new_session=True,
+        )  # fmt: skip
     try:
         # Only the port: an HTTP request would make rclone list the remote
         # before the cold pass, hiding those origin requests from it.

@@ -399,7 +399,10 @@ class CachingInode:
 
         try:
             memory, _ = await self.memfile.allocate_and_fill(
-                rng.length, MemoryKind.PAGE_CACHE, reader
+                rng.length,
+                MemoryKind.PAGE_CACHE,
+                reader,
+                prefault=self.origin.capabilities.prefault_fills,
             )
         except Exception as exc:
             # Waiters get the error; retrieve it here too, since they may all be gone.

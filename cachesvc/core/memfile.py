@@ -330,6 +330,8 @@ class MemoryFile:
         length: int,
         kind: MemoryKind,
         reader: Callable[[list[memoryview]], Awaitable[int]],
+        *,
+        prefault: bool = True,
     ) -> tuple[Range, int]:
         """Allocates ``length`` bytes and fills them with ``await reader(views)``.
 
@@ -337,13 +339,14 @@ class MemoryFile:
         it wrote, n. Pages past page_up(n) are freed again; returns the range
         that is kept (empty when n == 0) and n. If ``reader`` raises, all of
         the memory is freed and the error propagates. ``reader`` must not
-        write into the views once it has returned or raised.
+        write into the views once it has returned or raised. ``prefault``:
+        fault large allocations in from a worker thread meanwhile.
         """
         # Follows MemoryFile.AllocateAndFill in the reference design; the
         # partial last page is kept (it reads as zeros past n).
         rng = await self.allocate(length, kind)
         populating: asyncio.Future[bool] | None = None
-        if self._populate and length >= POPULATE_MIN:
+        if prefault and self._populate and length >= POPULATE_MIN:
             # The reader (an origin fill on the event loop) would otherwise
             # take a fault per fresh page; a worker thread takes them, ahead
             # of the reader. Not before the reader starts: the origin round

@@ -84,11 +84,16 @@ class Capabilities:
         False, dirty data is written back with rewrite() as a whole object.
     durable_sync: sync() makes written data durable (fsync); when False the
         origin is durable as soon as a write call returns (object stores).
+    prefault_fills: fresh cache pages are faulted in by a worker thread while
+        read_into fills them. That pays off when read_into copies into the
+        pages in Python; when the kernel receives into them (the HTTP origin)
+        the thread only competes with it (see HttpOrigin.capabilities).
     """
 
     writable: bool
     partial_writes: bool
     durable_sync: bool
+    prefault_fills: bool = True
 
 
 ChangedReader = Callable[[int, int], Awaitable[bytes | memoryview]]
