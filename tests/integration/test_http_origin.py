@@ -231,6 +231,7 @@ class Request:
     method: str
     target: str
     headers: dict[str, str]
+    head: str  # as received, up to and including the blank line
 
 
 Handler = Callable[[Request, asyncio.StreamWriter], Awaitable[bool]]
@@ -241,6 +242,7 @@ Handler = Callable[[Request, asyncio.StreamWriter], Awaitable[bool]]
 class RawServer:
     url: str
     requests: list[Request] = field(default_factory=list)
+    connections: int = 0  # accepted so far
 
 
 @contextlib.asynccontextmanager
@@ -249,16 +251,17 @@ async def raw_server(handler: Handler) -> AsyncIterator[RawServer]:
     box: list[RawServer] = []
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        box[0].connections += 1
         try:
             while True:
                 async with asyncio.timeout(10):
-                    head = await reader.readuntil(b"\r\n\r\n")
-                line, *fields = head.decode("latin-1").split("\r\n")[:-2]
+                    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+                line, *fields = head.split("\r\n")[:-2]
                 method, target, _ = line.split(" ")
                 headers = {
                     k.strip().lower(): v.strip() for k, v in (f.split(":", 1) for f in fields)
                 }
-                request = Request(method, target, headers)
+                request = Request(method, target, headers, head)
                 box[0].requests.append(request)
                 if not await handler(request, writer):
                     break

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -18,55 +17,31 @@ import uvloop
 from cachesvc.origins.base import OriginTimeout, OriginUnavailable
 from cachesvc.origins.http import HttpOrigin
 from tests.integration.nginx_fixture import nginx  # noqa: F401  (fixture)
-from tests.integration.test_http_origin import answer, content, read
+from tests.integration.test_http_origin import (
+    RawServer,
+    Request,
+    answer,
+    content,
+    raw_server,
+    read,
+)
 
 KiB = 1024
 MiB = 1024 * KiB
 
 
-@dataclass
-class Script:
-    """A raw server whose handler writes the answer to each request."""
-
-    url: str
-    connections: int = 0
-    requests: list[str] = field(default_factory=list)  # request heads
-
-
 @contextlib.asynccontextmanager
 async def scripted(
     handler: Callable[[str, asyncio.StreamWriter], Awaitable[bool]],
-) -> AsyncIterator[Script]:
-    """A server calling ``await handler(request_head, writer)`` per request; a
-    handler returning False closes the connection."""
-    box: list[Script] = []
+) -> AsyncIterator[RawServer]:
+    """A raw server calling ``await handler(request_head, writer)`` per
+    request; a handler returning False closes the connection."""
 
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        box[0].connections += 1
-        try:
-            while True:
-                async with asyncio.timeout(10):
-                    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
-                box[0].requests.append(head)
-                keep = await handler(head, writer)
-                await writer.drain()
-                if not keep:
-                    break
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
+    async def on_request(request: Request, writer: asyncio.StreamWriter) -> bool:
+        return await handler(request.head, writer)
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    box.append(Script(f"http://127.0.0.1:{port}/"))
-    try:
-        yield box[0]
-    finally:
-        server.close()
-        await server.wait_closed()
+    async with raw_server(on_request) as srv:
+        yield srv
 
 
 def range_of(head: str) -> tuple[int, int]:
