@@ -6,12 +6,14 @@ itself. A head that :func:`~cachesvc.api.simplehttp.parse_simple` calls
 simple, naming a file whose answer is 200 or 206 with at most
 :data:`SMALL_BODY` bytes in one piece, is answered by :class:`FastReads`:
 at once from the cache when the bytes are there (no task, no await), else
-in a task that fills them from the origin. The first request this path
-does not answer (any other method, a conditional, several ranges, a large
-body, an error to report, an incomplete head) hands the connection, with
-every byte still unanswered, to aiohttp's protocol for the rest of its
-life. GET and HEAD are safe to run again, so a request given up on after
-starting (say, the origin failed) is answered there from the beginning.
+in a task that fills them from the origin; the origin's errors (404, 502,
+504 ...) are answered here too, with aiohttp's JSON error body. The first
+request this path does not answer (any other method, a conditional,
+several ranges, a large body, a bad path, an incomplete head) hands the
+connection, with every byte still unanswered, to aiohttp's protocol for
+the rest of its life. GET and HEAD are safe to run again, so a request
+given up on after starting (a large file, an unexpected error) is answered
+there from the beginning.
 
 Why: on 2 cores (server on one, wrk on the other) aiohttp answered a 4 KiB
 body from a trivial handler at about 10,000 requests/s, against 33,000 for
@@ -33,15 +35,18 @@ stops the reading of further requests.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import time
 from dataclasses import dataclass, field
 from email.utils import formatdate
+from http import HTTPStatus
 from typing import NamedTuple
 
 from aiohttp.http import SERVER_SOFTWARE
 
 from cachesvc.api.data import INSTANCE_ID, READ_ATTEMPTS, DataState, content_type, record_request
+from cachesvc.api.errors import status_of
 from cachesvc.api.httpranges import RangeKind, format_content_range, parse_range
 from cachesvc.api.inflight import InFlight
 from cachesvc.api.paths import FILES_PREFIX, BadPath, decode_raw_path
@@ -55,8 +60,10 @@ from cachesvc.origins.http import INSTANCE_HEADER
 log = logging.getLogger("cachesvc.api")
 # What the access log and metrics say of a request whose client went away.
 CLIENT_GONE = 499
-# The only statuses this path answers with.
-_STATUS_LINES = {200: "HTTP/1.1 200 OK\r\n", 206: "HTTP/1.1 206 Partial Content\r\n"}
+# Status lines by status, for all it answers with: 200, 206 and errors.
+_STATUS_LINES = {
+    status.value: f"HTTP/1.1 {status.value} {status.phrase}\r\n" for status in HTTPStatus
+}
 # What follows Date, in aiohttp's order.
 _TAIL = f"Server: {SERVER_SOFTWARE}\r\n{INSTANCE_HEADER}: {INSTANCE_ID}\r\n\r\n"
 _CLOSE_TAIL = (
@@ -140,9 +147,19 @@ class FastReads:
             # Kept: a request handed to aiohttp finds the file's attributes.
             async with self.state.cache.open(path, keep=True) as inode:
                 return await self._read(request, inode, path)
-        except Exception as exc:  # aiohttp asks again and answers the error
-            log.debug("fast path gives %s up: %r", path, exc)
-            return None
+        except Exception as exc:
+            mapped = status_of(exc)
+            if mapped is None:  # unexpected: aiohttp asks again and reports it
+                log.debug("fast path gives %s up: %r", path, exc)
+                return None
+            # An origin's answer (404, 502, 504 ...) is given here: asking
+            # aiohttp to ask the origin again would double the wait.
+            status, code = mapped
+            body = json.dumps({"error": code, "message": str(exc) or code}).encode()
+            fields = "Content-Type: application/json; charset=utf-8\r\n"
+            if request.method == "HEAD":
+                return Reply(status, fields, len(body), b"", Transfer())
+            return Reply(status, fields, len(body), body, Transfer())
 
     async def _read(self, request: SimpleRequest, inode: CachingInode, path: str) -> Reply | None:
         transfer = Transfer()

@@ -10,13 +10,16 @@ listener's set of fast connections.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from cachesvc.origins.base import Origin
 from tests.integration.data_rig import DataServer, KiB, serving, write_file
+from tests.support.origins import TestOrigin
 
 SMALL = 10_000
 LARGE = 300 * KiB  # above SMALL_BODY: not answered by the fast path
@@ -138,9 +141,10 @@ CASES = [
     ("GET", "/files/large.bin", (), False),
     ("GET", "/files/large.bin", ("Range: bytes=0-4095",), True),
     ("GET", "/files/large.bin", ("Range: bytes=0-300000",), False),
-    ("GET", "/files/nope", (), False),
+    ("GET", "/files/nope", (), True),  # 404 from the origin
+    ("HEAD", "/files/nope", (), True),
     ("GET", "/files/d/", (), False),
-    ("GET", "/files/d", (), False),
+    ("GET", "/files/d", (), True),  # a directory without its slash: 404
     ("GET", "/files/../f.bin", (), False),
     ("GET", "/files/f.bin", ("If-None-Match: *",), False),
     ("GET", "/files/f.bin?x=1", (), False),
@@ -261,3 +265,21 @@ async def test_fast_answers_are_counted(server: DataServer, connect: object) -> 
     text = server.metrics.exposition().decode()
     assert 'cachesvc_http_requests_total{method="GET",status="206"} 3.0' in text
     assert 'cachesvc_http_requests_total{method="HEAD",status="200"} 1.0' in text
+
+
+async def test_an_origin_error_is_answered_after_one_origin_call(tmp_path: Path) -> None:
+    origins: list[TestOrigin] = []
+
+    def counting(inner: Origin) -> Origin:
+        origins.append(TestOrigin(inner))
+        return origins[0]
+
+    with serving(tmp_path / "root", wrap_origin=counting) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        connection = Connection(reader, writer)
+        await connection.send(request("GET", "/files/missing.bin"))
+        answer = await connection.answer()
+        writer.close()
+    assert answer.status_line == b"HTTP/1.1 404 Not Found"
+    assert json.loads(answer.body)["error"] == "not_found"
+    assert origins[0].calls["stat"] == 1
