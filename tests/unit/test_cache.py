@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from cachesvc.core.errors import CacheFull
+from cachesvc.core.inode import COMPLETION_LOOKAHEAD
 from cachesvc.core.ranges import Range
 from cachesvc.origins.base import OriginNoSpace, OriginNotFound, OriginUnavailable
 from tests.support.content import pattern
@@ -65,6 +66,23 @@ async def test_sequential_cold_read_uses_readahead(tmp_path: Path) -> None:
             assert await inode.read(offset, 4096) == data[offset : offset + 4096]
             requests += 1
         assert rig.origin.calls["read"] * 16 <= requests, rig.origin.calls
+
+
+async def test_completed_readahead_keeps_the_origin_busy(tmp_path: Path) -> None:
+    # A streaming reader maps 4 MiB at a time; fills that complete while it
+    # is still sending look COMPLETION_LOOKAHEAD windows past it.
+    make_file(tmp_path / "o", "seq.bin", 64 * MiB)
+    async with cache_rig(tmp_path / "o") as rig, rig.cache.open("seq.bin") as inode:
+        for offset in (0, 4 * MiB):
+            await (await inode.map_range(offset, 4 * MiB)).release()
+        async with asyncio.timeout(10):
+            while inode._fills:  # noqa: ASYNC110 (fills have no event to wait on)
+                await asyncio.sleep(0.01)
+        cached = inode.cache_set.find(0)
+        assert cached is not None
+        # Reads alone look two windows past the reader's end, 8 MiB.
+        assert cached[0].end >= 8 * MiB + COMPLETION_LOOKAHEAD * 4 * MiB > 16 * MiB
+        assert cached[0].end < 64 * MiB  # bounded: nothing runs on by itself
 
 
 async def test_concurrent_misses_share_one_origin_read(tmp_path: Path) -> None:
