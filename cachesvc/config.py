@@ -83,6 +83,11 @@ CONFIG_ENV = "CACHESVC_CONFIG"
 MIN_CACHE_SIZE = 1 * MiB
 MIN_READAHEAD = 64 * KiB  # the reference design's fixed readahead window
 MIN_MAX_DIRTY = 64 * KiB
+# The default largest readahead window. A streamed read keeps up to three
+# windows ahead of the reader; against a 2 ms origin (benchmarks/origin_bench.py,
+# 2026-11-22, 2 x 7 rounds) a cold 64 MiB read took a median 0.166-0.175 s
+# with 16 MiB windows and 0.191-0.222 s with 4 MiB.
+DEFAULT_READAHEAD = 16 * MiB
 DEFAULT_CACHE_SIZE_CAP = 1 * GiB
 MAX_SIZE = 2**63 - 1
 MAX_DURATION = 365 * 24 * 3600.0
@@ -187,6 +192,13 @@ def default_cache_size(memory_limit: int | None) -> int:
     return max(MIN_CACHE_SIZE, min(DEFAULT_CACHE_SIZE_CAP, quarter))
 
 
+def default_readahead(cache_size: int) -> int:
+    """DEFAULT_READAHEAD, at most an eighth of ``cache_size`` (page-aligned),
+    at least MIN_READAHEAD."""
+    eighth = cache_size // 8 // PAGE_SIZE * PAGE_SIZE
+    return max(MIN_READAHEAD, min(DEFAULT_READAHEAD, eighth))
+
+
 def detected_cache_size() -> int:
     """The default cache size for this process's memory limit."""
     return default_cache_size(detect_memory_limit())
@@ -215,7 +227,7 @@ class Config:
     write_mode: WriteMode = "writeback"
     dirty_expire: float = 30.0  # seconds
     max_dirty: int = 0  # bytes; 0 (the default) becomes cache_size // 2
-    readahead: int = 4 * MiB  # bytes, page-aligned
+    readahead: int = 0  # bytes, page-aligned; 0 (the default): see default_readahead
     max_ranges: int = 64
     max_partial_write: int = 64 * MiB  # bytes
     revalidate: float = 60.0  # seconds
@@ -230,6 +242,8 @@ class Config:
     def __post_init__(self) -> None:
         if self.max_dirty == 0:
             object.__setattr__(self, "max_dirty", max(MIN_MAX_DIRTY, self.cache_size // 2))
+        if self.readahead == 0:
+            object.__setattr__(self, "readahead", default_readahead(self.cache_size))
         size = format_size(self.cache_size)
         if self.max_dirty > self.cache_size:
             raise ConfigError("--max-dirty", f"must not exceed --cache-size ({size})")
@@ -367,8 +381,8 @@ OPTIONS: tuple[Option, ...] = (
         "back the cache with this file (e.g. on tmpfs) instead of an anonymous memfd",
         "cache", "PATH",
     ),
-    _size("readahead", "readahead window (rounded up to 4KiB)", "cache", MIN_READAHEAD,
-          align=PAGE_SIZE),
+    _size("readahead", "largest readahead window (rounded up to 4KiB)", "cache", MIN_READAHEAD,
+          align=PAGE_SIZE, default_text=lambda: "16MiB, at most an eighth of --cache-size"),
     _duration(
         "revalidate", "how long cached data is trusted before the origin is asked again",
         "cache",

@@ -141,7 +141,7 @@ def test_defaults() -> None:
     assert config.max_dirty == 512 * MiB
     assert config.write_mode == "writeback"
     assert config.dirty_expire == 30.0
-    assert config.readahead == 4 * MiB
+    assert config.readahead == 16 * MiB
     assert config.max_ranges == 64
     assert config.max_partial_write == 64 * MiB
     assert config.revalidate == 60.0
@@ -344,6 +344,7 @@ def test_both_listeners_on_port_zero_are_allowed() -> None:
 def test_config_direct_construction_and_repr() -> None:
     config = Config(cache_size=8 * MiB, write_token="secret-w", admin_token="secret-a")
     assert config.max_dirty == 4 * MiB
+    assert config.readahead == 1 * MiB  # an eighth of the cache, under 16 MiB
     assert "secret" not in repr(config)
     assert "cache_size=8388608" in repr(config)
     with pytest.raises(ConfigError):
