@@ -15,6 +15,7 @@ else
     command -v rclone >/dev/null 2>&1 || need+=(rclone)
     command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
     command -v curl >/dev/null 2>&1 || need+=(curl)
+    command -v openssl >/dev/null 2>&1 || need+=(openssl)
 fi
 if [ ${#need[@]} -eq 0 ]; then
     exit 0

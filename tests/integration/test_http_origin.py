@@ -11,6 +11,7 @@ import contextlib
 import functools
 import os
 import random
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -246,8 +247,11 @@ class RawServer:
 
 
 @contextlib.asynccontextmanager
-async def raw_server(handler: Handler) -> AsyncIterator[RawServer]:
-    """A minimal HTTP/1.1 server whose answers the test scripts byte by byte."""
+async def raw_server(
+    handler: Handler, *, tls: ssl.SSLContext | None = None
+) -> AsyncIterator[RawServer]:
+    """A minimal HTTP/1.1 server (https with ``tls``) whose answers the test
+    scripts byte by byte."""
     box: list[RawServer] = []
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -273,9 +277,9 @@ async def raw_server(handler: Handler) -> AsyncIterator[RawServer]:
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=tls)
     port = server.sockets[0].getsockname()[1]
-    box.append(RawServer(f"http://127.0.0.1:{port}/"))
+    box.append(RawServer(f"{'https' if tls else 'http'}://127.0.0.1:{port}/"))
     try:
         yield box[0]
     finally:

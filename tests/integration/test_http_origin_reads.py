@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
+import ssl
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -237,3 +240,76 @@ def test_cold_read_under_uvloop(tmp_path: Path, nginx: Callable[..., int]) -> No
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(main())
+
+
+# ------------------------------------------------------------------ https
+
+
+@pytest.fixture
+def certificate(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key, made by openssl."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed (make test installs it as root)")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+            "-keyout", str(key), "-out", str(cert),
+        ],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return cert, key
+
+
+async def _serve_ranges(head: str, writer: asyncio.StreamWriter) -> bool:
+    first, last = range_of(head)
+    last = min(last, len(DATA) - 1)
+    headers = {"Content-Range": f"bytes {first}-{last}/{len(DATA)}"}
+    headers["Content-Length"] = str(last - first + 1)
+    writer.write(answer("206 Partial Content", headers, DATA[first : last + 1]))
+    return True
+
+
+def _tls(certificate: tuple[Path, Path]) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(*certificate)
+    return context
+
+
+async def test_https_range_reads_verify_the_certificate(
+    certificate: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The client trusts the default CA store, which SSL_CERT_FILE replaces.
+    monkeypatch.setenv("SSL_CERT_FILE", str(certificate[0]))
+
+    async def handler(request: Request, writer: asyncio.StreamWriter) -> bool:
+        return await _serve_ranges(request.head, writer)
+
+    async with raw_server(handler, tls=_tls(certificate)) as srv:
+        assert srv.url.startswith("https://")
+        o = HttpOrigin(srv.url)
+        try:
+            assert await read(o, "f", 1000, 100_000) == DATA[1000:101_000]
+            assert await read(o, "f", 200_000, 10) == DATA[200_000:200_010]
+        finally:
+            await o.close()
+        assert srv.connections == 1  # kept alive over TLS
+        assert "Host: 127.0.0.1:" in srv.requests[0].head
+
+
+async def test_https_with_an_untrusted_certificate_fails_cleanly(
+    certificate: tuple[Path, Path],
+) -> None:
+    async def handler(request: Request, writer: asyncio.StreamWriter) -> bool:
+        return await _serve_ranges(request.head, writer)
+
+    async with raw_server(handler, tls=_tls(certificate)) as srv:
+        o = HttpOrigin(srv.url, retries=0)
+        try:
+            with pytest.raises(OriginUnavailable, match=r"CERTIFICATE_VERIFY_FAILED|certificate"):
+                await read(o, "f", 0, 10)
+        finally:
+            await o.close()
+        assert not srv.requests  # nothing was sent over an unverified connection
