@@ -13,6 +13,7 @@ import ssl
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import uvloop
@@ -47,6 +48,16 @@ async def scripted(
         yield srv
 
 
+@contextlib.asynccontextmanager
+async def origin_on(srv: RawServer, **options: Any) -> AsyncIterator[HttpOrigin]:
+    """An HttpOrigin of ``srv``, closed after the block."""
+    o = HttpOrigin(srv.url, **options)
+    try:
+        yield o
+    finally:
+        await o.close()
+
+
 def range_of(head: str) -> tuple[int, int]:
     """The first and last byte a request's ``Range: bytes=a-b`` asks for."""
     for line in head.split("\r\n"):
@@ -68,13 +79,9 @@ async def test_chunked_answer_to_a_range_is_sliced() -> None:
         writer.write(b"0\r\nX-Trailer: 1\r\n\r\n")
         return True
 
-    async with scripted(handler) as srv:
-        o = HttpOrigin(srv.url)
-        try:
-            assert await read(o, "f", 100_000, 150_000) == DATA[100_000:250_000]
-            assert await read(o, "f", 290_000, 50_000) == DATA[290_000:]
-        finally:
-            await o.close()
+    async with scripted(handler) as srv, origin_on(srv) as o:
+        assert await read(o, "f", 100_000, 150_000) == DATA[100_000:250_000]
+        assert await read(o, "f", 290_000, 50_000) == DATA[290_000:]
 
 
 async def test_close_delimited_206() -> None:
@@ -86,12 +93,9 @@ async def test_close_delimited_206() -> None:
         return False
 
     async with scripted(handler) as srv:
-        o = HttpOrigin(srv.url)
-        try:
+        async with origin_on(srv) as o:
             assert await read(o, "f", 5, 200_000) == DATA[5:200_005]
             assert await read(o, "f", 250_000, 100_000) == DATA[250_000:]
-        finally:
-            await o.close()
         assert srv.connections == 2
 
 
@@ -112,12 +116,9 @@ async def test_connections_are_reused_after_a_complete_body() -> None:
         return True
 
     async with scripted(handler) as srv:
-        o = HttpOrigin(srv.url)
-        try:
+        async with origin_on(srv) as o:
             for offset in range(0, len(DATA), 64 * KiB):
                 assert await read(o, "f", offset, 64 * KiB) == DATA[offset : offset + 64 * KiB]
-        finally:
-            await o.close()
         assert srv.connections == 1
         assert len(srv.requests) == 5
 
@@ -128,12 +129,9 @@ async def test_connection_close_is_honoured() -> None:
         return True  # the client must close it
 
     async with scripted(handler) as srv:
-        o = HttpOrigin(srv.url)
-        try:
+        async with origin_on(srv) as o:
             assert await read(o, "f", 0, 10) == DATA[:10]
             assert await read(o, "f", 10, 10) == DATA[10:20]
-        finally:
-            await o.close()
         assert srv.connections == 2
 
 
@@ -143,13 +141,10 @@ async def test_idle_connection_closed_by_the_server_is_replaced_at_once() -> Non
         return False  # closes without saying so
 
     async with scripted(handler) as srv:
-        o = HttpOrigin(srv.url, retries=0)
-        try:
+        async with origin_on(srv, retries=0) as o:
             assert await read(o, "f", 0, 10) == DATA[:10]
             await asyncio.sleep(0.05)  # the close reaches the client
             assert await read(o, "f", 10, 10) == DATA[10:20]
-        finally:
-            await o.close()
         assert srv.connections == 2
 
 
@@ -159,12 +154,9 @@ async def test_malformed_head_is_unavailable_and_not_retried() -> None:
         return True
 
     async with scripted(handler) as srv:
-        o = HttpOrigin(srv.url)
-        try:
+        async with origin_on(srv) as o:
             with pytest.raises(OriginUnavailable, match="malformed header"):
                 await read(o, "f", 0, 10)
-        finally:
-            await o.close()
         assert len(srv.requests) == 1
 
 
@@ -177,12 +169,9 @@ async def test_stalled_body_times_out() -> None:
         return False
 
     async with scripted(handler) as srv:
-        o = HttpOrigin(srv.url, read_timeout=0.3, retries=1)
-        try:
+        async with origin_on(srv, read_timeout=0.3, retries=1) as o:
             with pytest.raises(OriginTimeout, match="no bytes"):
                 await read(o, "f", 0, 100_000)
-        finally:
-            await o.close()
         assert len(srv.requests) == 2
 
 
@@ -289,12 +278,9 @@ async def test_https_range_reads_verify_the_certificate(
 
     async with raw_server(handler, tls=_tls(certificate)) as srv:
         assert srv.url.startswith("https://")
-        o = HttpOrigin(srv.url)
-        try:
+        async with origin_on(srv) as o:
             assert await read(o, "f", 1000, 100_000) == DATA[1000:101_000]
             assert await read(o, "f", 200_000, 10) == DATA[200_000:200_010]
-        finally:
-            await o.close()
         assert srv.connections == 1  # kept alive over TLS
         assert "Host: 127.0.0.1:" in srv.requests[0].head
 
@@ -306,10 +292,7 @@ async def test_https_with_an_untrusted_certificate_fails_cleanly(
         return await _serve_ranges(request.head, writer)
 
     async with raw_server(handler, tls=_tls(certificate)) as srv:
-        o = HttpOrigin(srv.url, retries=0)
-        try:
+        async with origin_on(srv, retries=0) as o:
             with pytest.raises(OriginUnavailable, match=r"CERTIFICATE_VERIFY_FAILED|certificate"):
                 await read(o, "f", 0, 10)
-        finally:
-            await o.close()
         assert not srv.requests  # nothing was sent over an unverified connection
