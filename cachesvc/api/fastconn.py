@@ -23,6 +23,10 @@ from cachesvc.api.simplehttp import HEAD_END, SimpleRequest, parse_simple
 
 # Unanswered bytes buffered before a connection stops reading.
 MAX_BUFFERED = 64 << 10
+# Answers held for the batch beyond this are written at once, so that the
+# transport's flow control (pause_writing) bounds what a client that sends
+# many requests without reading the answers can make us hold.
+MAX_UNSENT = 256 << 10
 
 
 class WriteBatch:
@@ -67,6 +71,7 @@ class FastConnection(asyncio.Protocol):
         self._connections = connections  # the listener's open fast connections
         self._batch = batch  # writes the answers at the end of the iteration
         self._unsent: list[bytes] = []  # answers not written yet
+        self._unsent_bytes = 0
         self._fallback = fallback  # makes aiohttp's protocol for a hand-off
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None  # None once closed or handed off
@@ -170,8 +175,13 @@ class FastConnection(asyncio.Protocol):
         del self._buffer[:consumed]
         close = not request.keep_alive or self._reads.in_flight.stopping
         # uvloop sends both buffers with one writev(2).
-        self._unsent += (self._reads.encode(reply, close), reply.body)
-        self._batch.add(self)
+        head = self._reads.encode(reply, close)
+        self._unsent += (head, reply.body)
+        self._unsent_bytes += len(head) + len(reply.body)
+        if self._unsent_bytes > MAX_UNSENT:
+            self.flush()
+        else:
+            self._batch.add(self)
         self._last_active = self._loop.time()
         self._reads.record(request, reply, started)
         if close:
@@ -181,9 +191,9 @@ class FastConnection(asyncio.Protocol):
 
     def flush(self) -> None:
         """Writes the answers not written yet."""
-        if self._unsent and self._transport is not None:
-            self._transport.writelines(self._unsent)
-        self._unsent = []
+        unsent, self._unsent, self._unsent_bytes = self._unsent, [], 0
+        if unsent and self._transport is not None:
+            self._transport.writelines(unsent)
 
     def _hand_off(self) -> None:
         """Gives the connection, and every byte not answered, to aiohttp."""

@@ -204,6 +204,24 @@ async def test_pipelined_requests_keep_their_order_across_the_hand_off(
     assert server.fast_connections() == 0
 
 
+async def test_many_pipelined_answers_arrive_whole_and_in_order(
+    server: DataServer, connect: object
+) -> None:
+    # More answers than the batch holds: written as they pile up, so the
+    # transport's flow control applies while the client reads nothing.
+    connection = await connect()  # type: ignore[operator]
+    data = (server.root / "large.bin").read_bytes()
+    ranges = [(i * 1000, i * 1000 + 200 * KiB - 1) for i in range(60)]
+    await connection.send(
+        b"".join(request("GET", "/files/large.bin", f"Range: bytes={a}-{b}") for a, b in ranges)
+    )
+    for a, b in ranges:
+        answer = await connection.answer()
+        assert answer.header(b"Content-Range") == f"bytes {a}-{b}/{LARGE}".encode()
+        assert answer.body == data[a : b + 1]
+    assert server.fast_connections() == 1
+
+
 async def test_a_write_is_seen_by_the_next_fast_read(server: DataServer, connect: object) -> None:
     reader = await connect()  # type: ignore[operator]
     await reader.send(request("GET", "/files/f.bin", "Range: bytes=0-3"))
