@@ -32,7 +32,8 @@ from collections.abc import Iterator
 from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
 
-from benchmarks.peers import STOP_TIMEOUT, Peer, free_port, pinned, stop_process, wait_for_port
+from benchmarks.peers import START_TIMEOUT, STOP_TIMEOUT, Peer, pinned
+from tests.support.servers import free_port, stop_process, wait_for_port
 
 RCLONE = shutil.which("rclone") or "/usr/bin/rclone"
 NGINX_AUTOINDEX = "location / { autoindex on; }"
@@ -220,7 +221,7 @@ def rclone_http_server(
     try:
         # Only the port: an HTTP request would make rclone list the remote
         # before the cold pass, hiding those origin requests from it.
-        wait_for_port(port, proc)
+        wait_for_port(port, proc, START_TIMEOUT)
         yield Peer("rclone", f"http://127.0.0.1:{port}", "/", proc.pid)
     finally:
-        stop_process(proc, group=True)
+        stop_process(proc, timeout=STOP_TIMEOUT, group=True)

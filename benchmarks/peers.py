@@ -8,9 +8,8 @@ of these helpers.
   :func:`nginx_server` runs nginx (``worker_processes 1``, ``sendfile on``)
   over a directory, each optionally pinned to CPUs with ``taskset``; both
   are context managers that yield a :class:`Peer` and stop their process
-  (by PID, :func:`stop_process`) on exit.
-- :func:`wait_for_http` and :func:`wait_for_port` wait (bounded) until a
-  started process answers.
+  (by PID) on exit. Starting, waiting and stopping use the test suite's
+  helpers (:mod:`tests.support.servers`).
 - :func:`run_wrk` runs Debian's ``wrk`` (optionally pinned) with a Lua
   script and returns its summary, read from a ``done()`` hook that every
   script gets appended (:data:`WRK_REPORT`), not scraped from its text.
@@ -31,17 +30,15 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
+
+from tests.support.servers import free_port, stop_process, wait_for_http
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 WRK = shutil.which("wrk") or "/usr/bin/wrk"
@@ -50,74 +47,9 @@ START_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def pinned(argv: Sequence[str], cpus: str | None) -> list[str]:
     """``argv`` run under ``taskset -c cpus`` (unchanged when ``cpus`` is None)."""
     return [TASKSET, "-c", cpus, *argv] if cpus is not None else list(argv)
-
-
-def wait_for_http(url: str, proc: subprocess.Popen[bytes], timeout: float = START_TIMEOUT) -> None:
-    """Polls ``url`` until it answers with a status below 500."""
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status < 500:
-                    return
-        except urllib.error.HTTPError as exc:
-            if exc.code < 500:
-                return
-            last = exc
-        except OSError as exc:
-            last = exc
-        time.sleep(0.05)
-    raise TimeoutError(f"{url} did not answer within {timeout}s: {last}")
-
-
-def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = START_TIMEOUT) -> None:
-    """Returns once 127.0.0.1:``port`` accepts connections."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before port {port} opened")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-            return
-        time.sleep(0.02)
-    raise TimeoutError(f"port {port} did not open within {timeout}s")
-
-
-def stop_process(
-    proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, *, group: bool = False
-) -> None:
-    """Sends ``sig``; SIGKILL after STOP_TIMEOUT. Always reaps.
-
-    With ``group`` (a process started in its own session), the SIGKILL goes
-    to its whole process group, and so does a last one after it exited.
-    """
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, sig)
-        try:
-            proc.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                if group:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                else:
-                    proc.kill()
-            proc.wait(timeout=10)
-    if group:  # a worker orphaned by a killed master is still in the group
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 @dataclass(frozen=True)
@@ -191,10 +123,10 @@ def cachesvc_server(
         proc = subprocess.Popen(pinned(argv, cpus), stdout=log, stderr=subprocess.STDOUT)
         try:
             url = f"http://127.0.0.1:{port}"
-            wait_for_http(f"{url}/healthz", proc)
+            wait_for_http(f"{url}/healthz", START_TIMEOUT, proc)
             yield Peer("cachesvc", url, "/files/", proc.pid)
         finally:
-            stop_process(proc)
+            stop_process(proc, timeout=STOP_TIMEOUT)
 
 
 _NGINX_CONF = """\
@@ -253,10 +185,10 @@ def nginx_server(root: Path, *, cpus: str | None = None, extra_conf: str = "") -
         )
         try:
             url = f"http://127.0.0.1:{port}"
-            wait_for_http(f"{url}/", proc)
+            wait_for_http(f"{url}/", START_TIMEOUT, proc)
             yield Peer("nginx", url, "/", proc.pid)
         finally:
-            stop_process(proc, signal.SIGQUIT, group=True)
+            stop_process(proc, signal.SIGQUIT, STOP_TIMEOUT, group=True)
 
 
 # ---------------------------------------------------------------------------

@@ -17,21 +17,18 @@ process group, so no orphaned worker outlives the test).
 
 from __future__ import annotations
 
-import contextlib
 import getpass
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support.servers import free_port, stop_process
+from tests.support.servers import free_port, stop_process, wait_for_port
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 
@@ -69,18 +66,6 @@ http {{
 
 def nginx_available() -> bool:
     return os.access(NGINX, os.X_OK)
-
-
-def _wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float) -> bool:
-    """True once 127.0.0.1:port accepts; False if nginx exited or the time ran out."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return False
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def start_nginx(
@@ -123,9 +108,11 @@ def start_nginx(
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
-        if _wait_for_port(port, proc, timeout):
+        try:
+            wait_for_port(port, proc, timeout)
             break
-        stop_process(proc, signal.SIGQUIT, 2.0, group=True)
+        except (RuntimeError, TimeoutError):
+            stop_process(proc, signal.SIGQUIT, 2.0, group=True)
     else:
         log = (work / "error.log").read_text(errors="replace")
         raise RuntimeError(f"nginx did not start:\n{log}")

@@ -1,4 +1,5 @@
-"""Starting and stopping real cachesvc processes for integration and e2e tests.
+"""Starting and stopping real cachesvc processes for integration and e2e tests
+(the benchmarks use the same helpers).
 
 Every wait is bounded; processes are stopped by PID (SIGTERM, then SIGKILL).
 """
@@ -55,6 +56,19 @@ def wait_for_http(
         last = f"status {status}"
         time.sleep(0.05)
     raise TimeoutError(f"{url} not ready within {timeout}s: {last}")
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    """Returns once 127.0.0.1:``port`` accepts connections. Raises
+    RuntimeError if ``proc`` exits first, TimeoutError on time out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before port {port} opened")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"port {port} did not open within {timeout}s")
 
 
 def stop_process(
