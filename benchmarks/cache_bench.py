@@ -4,7 +4,7 @@ Run with ``python -m benchmarks.cache_bench``. Prints a markdown table and
 returns the figures as a flat dict:
 
 - *cold sequential read*: a 64 MiB file read in 4 KiB requests through a
-  cache whose origin (a local directory) is wrapped in :class:`DelayedOrigin`,
+  cache whose origin (a local directory) is wrapped in the tests' TestOrigin,
   which adds 2 ms to every origin call. Reported: requests, origin read calls
   made, total time; and the same origin read directly in 4 KiB calls. The
   direct read takes about ``FILE_SIZE / 4 KiB * 2 ms`` (33 s), so only its
@@ -26,12 +26,10 @@ the machine is shared. Nothing is served over a socket.
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import random
 import tempfile
 import time
-from collections.abc import AsyncIterable, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import uvloop
@@ -39,14 +37,8 @@ import uvloop
 from cachesvc.core.cache import CacheOptions, FileCache
 from cachesvc.core.inode import CachingInode
 from cachesvc.core.memfile import MemoryFile
-from cachesvc.origins.base import (
-    Capabilities,
-    ChangedReader,
-    DirEntry,
-    Origin,
-    OriginStat,
-)
 from cachesvc.origins.local import LocalOrigin
+from tests.support.origins import TestOrigin
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -60,82 +52,6 @@ REPEATS = 5
 SEED = 20240601
 
 
-class DelayedOrigin:
-    """An Origin that sleeps ``delay`` seconds before every call to ``inner``
-    (a high-latency remote store) and counts the calls by operation."""
-
-    def __init__(self, inner: Origin, delay: float) -> None:
-        self.inner = inner  # Immutable.
-        self.delay = delay  # Immutable.
-        self.calls: collections.Counter[str] = collections.Counter()  # Event loop only.
-
-    @property
-    def capabilities(self) -> Capabilities:
-        return self.inner.capabilities
-
-    @property
-    def description(self) -> str:
-        return f"delayed({self.inner.description}, {self.delay * 1000:g} ms)"
-
-    async def _enter(self, op: str) -> None:
-        self.calls[op] += 1
-        await asyncio.sleep(self.delay)
-
-    async def stat(self, path: str) -> OriginStat:
-        await self._enter("stat")
-        return await self.inner.stat(path)
-
-    async def read_into(
-        self, path: str, offset: int, buffers: Sequence[memoryview], etag: str | None = None
-    ) -> int:
-        await self._enter("read")
-        return await self.inner.read_into(path, offset, buffers, etag)
-
-    async def write_from(self, path: str, offset: int, buffers: Sequence[memoryview]) -> int:
-        await self._enter("write")
-        return await self.inner.write_from(path, offset, buffers)
-
-    async def set_size(self, path: str, size: int) -> None:
-        await self._enter("set_size")
-        await self.inner.set_size(path, size)
-
-    async def allocate(self, path: str, offset: int, length: int) -> None:
-        await self._enter("allocate")
-        await self.inner.allocate(path, offset, length)
-
-    async def sync(self, path: str) -> None:
-        await self._enter("sync")
-        await self.inner.sync(path)
-
-    async def rewrite(
-        self, path: str, size: int, changed: Sequence[tuple[int, int]], read_changed: ChangedReader
-    ) -> OriginStat:
-        await self._enter("rewrite")
-        return await self.inner.rewrite(path, size, changed, read_changed)
-
-    async def replace(self, path: str, chunks: AsyncIterable[bytes]) -> OriginStat:
-        await self._enter("replace")
-        return await self.inner.replace(path, chunks)
-
-    async def create(self, path: str) -> OriginStat:
-        await self._enter("create")
-        return await self.inner.create(path)
-
-    async def remove(self, path: str) -> None:
-        await self._enter("remove")
-        await self.inner.remove(path)
-
-    async def list_dir(self, path: str) -> list[DirEntry]:
-        await self._enter("list")
-        return await self.inner.list_dir(path)
-
-    async def check(self) -> None:
-        await self.inner.check()
-
-    async def close(self) -> None:
-        await self.inner.close()
-
-
 async def _cold_through_cache(inode: CachingInode, content: bytes) -> float:
     """Reads the whole file sequentially in COLD_REQUEST pieces; returns seconds."""
     start = time.perf_counter()
@@ -146,7 +62,7 @@ async def _cold_through_cache(inode: CachingInode, content: bytes) -> float:
     return time.perf_counter() - start
 
 
-async def _cold_direct(origin: DelayedOrigin, content: bytes) -> float:
+async def _cold_direct(origin: TestOrigin, content: bytes) -> float:
     """Reads DIRECT_SAMPLE bytes from ``origin`` in COLD_REQUEST calls; returns seconds."""
     buffer = bytearray(COLD_REQUEST)
     view = memoryview(buffer)
@@ -225,7 +141,7 @@ async def run() -> dict[str, float]:
     content = random.Random(SEED).randbytes(FILE_SIZE)
     with tempfile.TemporaryDirectory(prefix="cache-bench-") as root:
         Path(root, FILE_NAME).write_bytes(content)
-        origin = DelayedOrigin(LocalOrigin.open(root), ORIGIN_DELAY)
+        origin = TestOrigin(LocalOrigin.open(root), delay=ORIGIN_DELAY)
         memfile = await MemoryFile.create()
         cache = FileCache(
             origin,
