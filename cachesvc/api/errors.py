@@ -9,6 +9,7 @@ the same JSON form, and answers anything unexpected with a bare-bones 500
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -75,20 +76,32 @@ _REASON_CODES = {
 }
 
 
+# The Content-Type of every error body.
+ERROR_CONTENT_TYPE = "application/json; charset=utf-8"
+
+
+def error_body(code: str, message: str) -> bytes:
+    """The JSON body of an error."""
+    return json.dumps({"error": code, "message": message}).encode()
+
+
 def error_response(
     status: int, code: str, message: str, headers: dict[str, str] | None = None
 ) -> web.Response:
     """A JSON error response."""
-    return web.json_response(
-        {"error": code, "message": message}, status=status, headers=headers or {}
+    return web.Response(
+        body=error_body(code, message),
+        status=status,
+        headers={**(headers or {}), "Content-Type": ERROR_CONTENT_TYPE},
     )
 
 
-def status_of(exc: Exception) -> tuple[int, str] | None:
-    """The (status, code) of a mapped exception, or None."""
+def mapped_error(exc: Exception) -> tuple[int, str, str] | None:
+    """The (status, code, message) an exception of ERROR_TABLE is answered
+    with, or None for any other exception."""
     for cls, status, code in ERROR_TABLE:
         if isinstance(exc, cls):
-            return status, code
+            return status, code, str(exc) or code
     return None
 
 
@@ -113,9 +126,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         log.info("client disconnected during %s %s", request.method, request.path)
         raise
     except Exception as exc:
-        mapped = status_of(exc)
+        mapped = mapped_error(exc)
         if mapped is None:
             log.exception("unexpected error on %s %s", request.method, request.path)
             return error_response(500, "internal", "internal error; see the server log")
-        status, code = mapped
-        return error_response(status, code, str(exc) or code)
+        return error_response(*mapped)

@@ -35,7 +35,6 @@ stops the reading of further requests.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -46,7 +45,7 @@ from typing import NamedTuple
 from aiohttp.http import SERVER_SOFTWARE
 
 from cachesvc.api.data import INSTANCE_ID, READ_ATTEMPTS, DataState, content_type, record_request
-from cachesvc.api.errors import status_of
+from cachesvc.api.errors import ERROR_CONTENT_TYPE, error_body, mapped_error
 from cachesvc.api.httpranges import RangeKind, format_content_range, parse_range
 from cachesvc.api.inflight import InFlight
 from cachesvc.api.paths import FILES_PREFIX, BadPath, decode_raw_path
@@ -139,7 +138,7 @@ class FastReads:
 
     async def answer(self, request: SimpleRequest) -> Reply | None:
         """The answer, filling from the origin as needed; None to hand the
-        request to aiohttp (which also reports every error)."""
+        request to aiohttp, which reports unexpected errors."""
         path = _file_path(request)
         if path is None:
             return None
@@ -148,15 +147,15 @@ class FastReads:
             async with self.state.cache.open(path, keep=True) as inode:
                 return await self._read(request, inode, path)
         except Exception as exc:
-            mapped = status_of(exc)
+            mapped = mapped_error(exc)
             if mapped is None:  # unexpected: aiohttp asks again and reports it
                 log.debug("fast path gives %s up: %r", path, exc)
                 return None
             # An origin's answer (404, 502, 504 ...) is given here: asking
             # aiohttp to ask the origin again would double the wait.
-            status, code = mapped
-            body = json.dumps({"error": code, "message": str(exc) or code}).encode()
-            fields = "Content-Type: application/json; charset=utf-8\r\n"
+            status, code, message = mapped
+            body = error_body(code, message)
+            fields = f"Content-Type: {ERROR_CONTENT_TYPE}\r\n"
             if request.method == "HEAD":
                 return Reply(status, fields, len(body), b"", Transfer())
             return Reply(status, fields, len(body), body, Transfer())
