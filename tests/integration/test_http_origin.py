@@ -1,4 +1,4 @@
-"""HttpOrigin against a real nginx, scripted raw HTTP servers and a fake cachesvc tier.
+"""HttpOrigin against a real nginx, scripted raw HTTP servers and a real cachesvc tier.
 
 File content is a function of its seed, so any range can be checked.
 Everything listens on 127.0.0.1 only; every wait is bounded.
@@ -13,13 +13,12 @@ import os
 import random
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from cachesvc.origins.base import (
     DirEntry,
@@ -32,10 +31,12 @@ from cachesvc.origins.base import (
 )
 from cachesvc.origins.http import READ_ONLY_MESSAGE, HttpOrigin
 from tests.integration.nginx_fixture import nginx  # noqa: F401  (fixture)
+from tests.support.servers import ServerProcess, running_cachesvc
 
 KiB = 1024
 MiB = 1024 * KiB
 BIG_SIZE = MiB + 123
+TOKEN = "t0k"
 
 
 @functools.cache
@@ -427,112 +428,90 @@ async def test_weak_etag_pins_with_if_unmodified_since() -> None:
         assert "if-match" not in srv.requests[1].headers
 
 
-# --------------------------------------------------------- fake cachesvc tier
+# ------------------------------------------------------ a real cachesvc tier
 
 
-class FakeTier:
-    """Just enough of cachesvc's data API to check what the writable origin sends."""
+@dataclass
+class Lower:
+    """A ``cachesvc serve`` over a directory, taking writes with a token."""
 
-    def __init__(self) -> None:
-        self.files: dict[str, bytearray] = {}
-        self.versions: dict[str, int] = {}
-        self.fsyncs: list[str] = []
-        self.auth: set[str | None] = set()
-        self.app = web.Application(client_max_size=64 * MiB)
-        self.app.router.add_route("*", "/files/{path:.*}", self.handle)
+    server: ServerProcess
+    root: Path
 
-    def _etag(self, path: str) -> str:
-        return f'"v{self.versions[path]}"'
+    def origin(self, token: str | None = TOKEN) -> HttpOrigin:
+        return HttpOrigin(f"{self.server.url}/files", writes=True, token=token)
 
-    def _changed(self, path: str) -> None:
-        self.versions[path] = self.versions.get(path, 0) + 1
+    async def served(self, path: str) -> bytes | None:
+        """The file as the lower tier serves it (its cache included); None if missing."""
+        async with aiohttp.ClientSession() as http:
+            url = f"{self.server.url}/files/{path}"
+            async with http.get(url, timeout=aiohttp.ClientTimeout(total=30)) as resp:
+                if resp.status == 404:
+                    return None
+                assert resp.status == 200, await resp.text()
+                return await resp.read()
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        path = request.match_info["path"]
-        self.auth.add(request.headers.get("Authorization"))
-        data = self.files.get(path)
-        if_match = request.headers.get("If-Match")
-        if if_match is not None and (data is None or if_match != self._etag(path)):
-            return web.Response(status=412)
-        if request.headers.get("If-None-Match") == "*" and data is not None:
-            return web.Response(status=412)
-        if request.method == "PUT":
-            body = await request.read()
-            rng = request.headers.get("Content-Range")
-            if rng is None:
-                self.files[path] = bytearray(body)
-            else:
-                first, last = (int(x) for x in rng.split(" ")[1].split("/")[0].split("-"))
-                assert last - first + 1 == len(body)
-                target = self.files.setdefault(path, bytearray())
-                target.extend(bytes(max(0, last + 1 - len(target))))
-                target[first : last + 1] = body
-            self._changed(path)
-            return web.Response(status=201 if data is None else 204)
-        if data is None:
-            return web.json_response({"error": "not_found", "message": "no such file"}, status=404)
-        if request.method == "POST" and "truncate" in request.query:
-            size = int(request.query["truncate"])
-            del data[size:]
-            data.extend(bytes(size - len(data)))
-            self._changed(path)
-            return web.Response(status=204)
-        if request.method == "POST" and "fsync" in request.query:
-            self.fsyncs.append(path)
-            return web.Response(status=204)
-        if request.method == "DELETE":
-            del self.files[path]
-            return web.Response(status=204)
-        headers = {"ETag": self._etag(path), "Last-Modified": "Sun, 06 Nov 1994 08:49:37 GMT"}
-        rng = request.headers.get("Range")
-        if rng is not None and data:
-            first, last = (int(x) for x in rng.removeprefix("bytes=").split("-"))
-            last = min(last, len(data) - 1)
-            headers["Content-Range"] = f"bytes {first}-{last}/{len(data)}"
-            return web.Response(status=206, body=bytes(data[first : last + 1]), headers=headers)
-        return web.Response(body=bytes(data), headers=headers)
+
+@pytest.fixture(scope="module")
+def lower(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lower]:
+    root = tmp_path_factory.mktemp("lower-root")
+    logs = tmp_path_factory.mktemp("lower-logs")
+    with running_cachesvc(str(root), ["--write-token", TOKEN], log_dir=logs) as server:
+        yield Lower(server, root)
 
 
 @pytest.fixture
-async def tier() -> AsyncIterator[tuple[FakeTier, HttpOrigin]]:
-    fake = FakeTier()
-    server = TestServer(fake.app, host="127.0.0.1")
-    await server.start_server()
-    o = HttpOrigin(f"http://127.0.0.1:{server.port}/files", writes=True, token="t0k")
+async def tier(lower: Lower) -> AsyncIterator[tuple[Lower, HttpOrigin]]:
+    o = lower.origin()
     try:
-        yield fake, o
+        yield lower, o
     finally:
         await o.close()
-        await server.close()
 
 
-async def test_tier_partial_writes(tier: tuple[FakeTier, HttpOrigin]) -> None:
-    fake, o = tier
+async def test_tier_partial_writes(tier: tuple[Lower, HttpOrigin]) -> None:
+    lower, o = tier
     caps = o.capabilities
     assert caps.writable and caps.partial_writes and caps.durable_sync
     st = await o.create("d/new")
-    assert st.size == 0 and fake.files["d/new"] == b""
+    assert st.size == 0 and await lower.served("d/new") == b""
     assert await o.create("d/new") == await o.stat("d/new")  # exists: left alone
     parts = [memoryview(b"abc"), memoryview(b""), memoryview(b"defg")]
     assert await o.write_from("d/new", 2, parts) == 7
-    assert fake.files["d/new"] == b"\0\0abcdefg"
+    assert await lower.served("d/new") == b"\0\0abcdefg"
     assert await o.write_from("d/new", 0, [memoryview(b"XY")]) == 2
     await o.set_size("d/new", 5)
-    assert fake.files["d/new"] == b"XYabc"
+    assert await lower.served("d/new") == b"XYabc"
     await o.allocate("d/new", 3, 7)
-    assert fake.files["d/new"] == b"XYabc" + bytes(5)
+    assert await lower.served("d/new") == b"XYabc" + bytes(5)
     await o.allocate("d/new", 0, 4)  # never shrinks
-    assert len(fake.files["d/new"]) == 10
+    assert (await o.stat("d/new")).size == 10
     await o.sync("d/new")
-    assert fake.fsyncs == ["d/new"]
+    assert (lower.root / "d" / "new").read_bytes() == b"XYabc" + bytes(5)
     await o.remove("d/new")
-    with pytest.raises(OriginNotFound, match="no such file"):
+    assert await lower.served("d/new") is None
+    assert not (lower.root / "d" / "new").exists()
+    with pytest.raises(OriginNotFound):
         await o.remove("d/new")
-    assert fake.auth == {"Bearer t0k"}
 
 
-async def test_tier_replace_and_rewrite(tier: tuple[FakeTier, HttpOrigin]) -> None:
-    fake, o = tier
+async def test_tier_writes_need_the_token(lower: Lower) -> None:
+    (lower.root / "guarded").write_bytes(b"unchanged")
+    for token in (None, "wrong"):
+        o = lower.origin(token)
+        try:
+            with pytest.raises(OriginPermissionDenied):
+                await o.write_from("guarded", 0, [memoryview(b"X")])
+            with pytest.raises(OriginPermissionDenied):
+                await o.remove("guarded")
+            assert await read(o, "guarded", 0, 100) == b"unchanged"  # reads need none
+        finally:
+            await o.close()
+    assert await lower.served("guarded") == b"unchanged"
+
+
+async def test_tier_replace_and_rewrite(tier: tuple[Lower, HttpOrigin]) -> None:
+    lower, o = tier
     old = content(5, 3 * MiB + 10)
 
     async def chunks(fail: bool = False) -> AsyncIterator[bytes]:
@@ -542,10 +521,11 @@ async def test_tier_replace_and_rewrite(tier: tuple[FakeTier, HttpOrigin]) -> No
                 raise KeyError("source broke")
 
     st = await o.replace("r", chunks())
-    assert fake.files["r"] == old and st.size == len(old)
+    assert (lower.root / "r").read_bytes() == old and st.size == len(old)
     with pytest.raises(KeyError, match="source broke"):
         await o.replace("r", chunks(fail=True))
-    assert fake.files["r"] == old
+    assert (lower.root / "r").read_bytes() == old
+    assert await lower.served("r") == old
 
     new_size = len(old) + 5
     changed = [(5, 10), (MiB - 1, 2 * MiB + 1), (len(old) + 2, new_size)]
@@ -557,4 +537,12 @@ async def test_tier_replace_and_rewrite(tier: tuple[FakeTier, HttpOrigin]) -> No
     expected = bytearray(old) + bytes(5)
     for start, end in changed:
         expected[start:end] = await read_changed(start, end - start)
-    assert fake.files["r"] == expected and st.size == new_size
+    assert st.size == new_size
+    assert await lower.served("r") == expected
+    await o.sync("r")
+    assert (lower.root / "r").read_bytes() == expected
+
+    # A rewrite based on a version that is no longer there writes nothing.
+    with pytest.raises(OriginConflict):
+        await o.rewrite("r", 10, [(0, 10)], read_changed, base_etag=st.etag + "x")
+    assert await lower.served("r") == expected
