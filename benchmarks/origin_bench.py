@@ -34,7 +34,18 @@ from 1,161 to 1,590 MiB/s and cold passes from 0.158 to 0.283 s.
 
 Targets: cachesvc's cold time <= rclone's; cachesvc's hot throughput >= 2x
 rclone's. With several rounds (the order of peers alternating), every round
-is printed and the best figures of each peer are compared.
+is printed, and the ratios are given twice: of each peer's best figures and
+of its medians. The VM's noise moves single figures by tens of percent, the
+median least.
+
+What bounds the hot pass here: one TCP stream over loopback costs the sender
+about 20 ms of CPU per 64 MiB in the kernel (the copy into socket buffers,
+and the loopback delivery and wake-up of the receiver). A bare Python
+sender (blocking ``sendall`` of a memoryview of a memfd, 4 MiB per call)
+measured 19-21 ms of CPU per pass, and cachesvc 19-23 ms; ``splice`` and
+``sendfile`` from the memfd took 28-34 ms (2026-12-02). So cachesvc's hot
+pass is at this machine's floor, and its ratio to rclone moves with
+rclone's own speed.
 """
 
 from __future__ import annotations
@@ -43,6 +54,7 @@ import argparse
 import hashlib
 import os
 import shutil
+import statistics
 import subprocess
 import tempfile
 import urllib.request
@@ -64,7 +76,7 @@ FILE_NAME = "big.bin"
 FILE_SIZE = 64 * MiB
 ORIGIN_DELAY = 0.002  # seconds added to every origin request
 HOT_PASSES = 3
-ROUNDS = 3
+ROUNDS = 7
 CURL = shutil.which("curl") or "/usr/bin/curl"
 PEER_CPUS = "0"  # cachesvc or rclone
 FAR_CPUS = "1"  # curl, the latency proxy, nginx
@@ -180,10 +192,15 @@ def main(rounds: int = ROUNDS, cachesvc_args: Sequence[str] = ()) -> dict[str, A
         shutil.rmtree(work, ignore_errors=True)
 
     rows = {}
+    medians = {}
     for name, runs in results.items():
         cold = min(runs, key=lambda f: f.cold_seconds)
         hot = min(runs, key=lambda f: f.hot_seconds)
         rows[name] = (cold, hot)
+        medians[name] = (
+            statistics.median(f.cold_seconds for f in runs),
+            statistics.median(f.hot_mib_s for f in runs),
+        )
 
     print(f"64 MiB file, nginx behind a proxy adding {ORIGIN_DELAY * 1000:g} ms per request;")
     print(
@@ -204,18 +221,24 @@ def main(rounds: int = ROUNDS, cachesvc_args: Sequence[str] = ()) -> dict[str, A
         f"| nginx direct, on curl's CPU (reference) | | | | | {ceiling:.3f}"
         f" | {FILE_SIZE / MiB / ceiling:.0f} | |"
     )
+    print("\nmedians of the rounds:")
+    for name, (cold_s, hot_mib_s) in medians.items():
+        print(f"  {name}: cold {cold_s:.3f} s, hot {hot_mib_s:.0f} MiB/s")
     c_cold, c_hot = rows["cachesvc"]
     r_cold, r_hot = rows["rclone"]
     cold_ratio = c_cold.cold_seconds / r_cold.cold_seconds
     hot_ratio = c_hot.hot_mib_s / r_hot.hot_mib_s
-    print(
-        f"\ncold time cachesvc / rclone: {cold_ratio:.2f} (target <= 1.0) -> "
-        f"{'met' if cold_ratio <= 1.0 else 'MISSED'}"
-    )
-    print(
-        f"hot throughput cachesvc / rclone: {hot_ratio:.2f} (target >= 2.0) -> "
-        f"{'met' if hot_ratio >= 2.0 else 'MISSED'}"
-    )
+    median_cold_ratio = medians["cachesvc"][0] / medians["rclone"][0]
+    median_hot_ratio = medians["cachesvc"][1] / medians["rclone"][1]
+    for label, cold_r, hot_r in (
+        ("best", cold_ratio, hot_ratio),
+        ("median", median_cold_ratio, median_hot_ratio),
+    ):
+        print(
+            f"{label:6s} cold time cachesvc / rclone: {cold_r:.2f} (target <= 1.0) -> "
+            f"{'met' if cold_r <= 1.0 else 'MISSED'}; hot throughput cachesvc / rclone: "
+            f"{hot_r:.2f} (target >= 2.0) -> {'met' if hot_r >= 2.0 else 'MISSED'}"
+        )
 
     out: dict[str, Any] = {
         "file_bytes": FILE_SIZE,
@@ -225,6 +248,8 @@ def main(rounds: int = ROUNDS, cachesvc_args: Sequence[str] = ()) -> dict[str, A
         "nginx_direct_mib_s": round(FILE_SIZE / MiB / ceiling, 1),
         "cold_time_ratio": round(cold_ratio, 3),
         "hot_throughput_ratio": round(hot_ratio, 3),
+        "median_cold_time_ratio": round(median_cold_ratio, 3),
+        "median_hot_throughput_ratio": round(median_hot_ratio, 3),
         "cold_target_met": cold_ratio <= 1.0,
         "hot_target_met": hot_ratio >= 2.0,
     }
