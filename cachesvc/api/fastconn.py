@@ -79,6 +79,7 @@ class FastConnection(asyncio.Protocol):
         self._answering: asyncio.Task[None] | None = None  # an answer that awaits
         self._reading = True
         self._writing = True  # False while the transport's buffer is full
+        self._writable: asyncio.Future[None] | None = None  # a streamed body waits on it
         self._eof = False
         self._last_active = self._loop.time()
         self._idle_timer: asyncio.TimerHandle | None = None
@@ -110,6 +111,8 @@ class FastConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._writing = True
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
         if self._answering is None and self._transport is not None:
             self._resume_reading()
             self._answer_buffered()
@@ -152,7 +155,7 @@ class FastConnection(asyncio.Protocol):
         in_flight = self._reads.in_flight
         in_flight.enter()
         try:
-            reply = await self._reads.answer(request)
+            reply = await self._reads.answer(request, self)
         except asyncio.CancelledError:  # the connection was lost
             self._reads.record(request, None, started)
             raise
@@ -173,19 +176,68 @@ class FastConnection(asyncio.Protocol):
         transport = self._transport
         assert transport is not None
         del self._buffer[:consumed]
-        close = not request.keep_alive or self._reads.in_flight.stopping
-        # uvloop sends both buffers with one writev(2).
-        head = self._reads.encode(reply, close)
-        self._unsent += (head, reply.body)
-        self._unsent_bytes += len(head) + len(reply.body)
-        if self._unsent_bytes > MAX_UNSENT:
-            self.flush()
+        close = self._reads.closes(request)
+        if reply.streamed:
+            # Written already; cut short if the body was aborted.
+            close = close or bool(reply.transfer.aborted)
         else:
-            self._batch.add(self)
+            # uvloop sends both buffers with one writev(2).
+            head = self._reads.encode(reply, close)
+            self._unsent += (head, reply.body)
+            self._unsent_bytes += len(head) + len(reply.body)
+            if self._unsent_bytes > MAX_UNSENT:
+                self.flush()
+            else:
+                self._batch.add(self)
         self._last_active = self._loop.time()
         self._reads.record(request, reply, started)
         if close:
             self._close()
+
+    # A streamed body's target (fastpath.StreamTarget)
+
+    def write_head(self, head: bytes) -> None:
+        self.flush()
+        self._live_transport().write(head)
+
+    async def write(self, data: bytes | memoryview) -> None:
+        self._live_transport().write(data)
+        if not self._writing:
+            await self._until_writable()
+
+    def unsent(self) -> int:
+        return self._transport.get_write_buffer_size() if self._transport is not None else 0
+
+    async def drain(self) -> None:
+        transport = self._live_transport()
+        if transport.get_write_buffer_size() == 0:
+            return
+        low, high = transport.get_write_buffer_limits()
+        # A high-water mark of 0 pauses writing until the buffer is empty.
+        transport.set_write_buffer_limits(high=0, low=0)
+        try:
+            if not self._writing:
+                await self._until_writable()
+        finally:
+            if self._transport is not None:
+                transport.set_write_buffer_limits(high=high, low=low)
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _live_transport(self) -> asyncio.Transport:
+        if self._transport is None:
+            raise ConnectionResetError("the client closed the connection")
+        return self._transport
+
+    async def _until_writable(self) -> None:
+        """Waits for resume_writing (connection_lost cancels the waiting task)."""
+        self._writable = self._loop.create_future()
+        try:
+            await self._writable
+        finally:
+            self._writable = None
 
     # Connection state
 

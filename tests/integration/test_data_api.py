@@ -89,8 +89,21 @@ async def test_get_whole_file(server: DataServer, session: aiohttp.ClientSession
     assert text.headers["Content-Type"].startswith("text/plain")
 
 
-async def test_get_large_file_streamed(server: DataServer, session: aiohttp.ClientSession) -> None:
-    reply = await get(session, server, "/files/big.bin")
+# Headers that send a request down each read path: the fast path takes a
+# plain GET; any other header makes it aiohttp's (see api/simplehttp.py).
+READ_PATHS = {"fast": {}, "aiohttp": {"X-Not-Simple": "1"}}
+
+
+@pytest.fixture(params=sorted(READ_PATHS))
+def via(request: pytest.FixtureRequest) -> dict[str, str]:
+    """The headers choosing one read path."""
+    return READ_PATHS[request.param]
+
+
+async def test_get_large_file_streamed(
+    server: DataServer, session: aiohttp.ClientSession, via: dict[str, str]
+) -> None:
+    reply = await get(session, server, "/files/big.bin", **via)
     assert reply.status == 200
     assert_file_headers(reply, BIG)
     assert reply.body == pattern(2, 0, BIG)
@@ -438,10 +451,10 @@ def _mapped_bytes(server: DataServer) -> int:
 
 
 async def test_client_going_away_releases_mappings(
-    server: DataServer, session: aiohttp.ClientSession
+    server: DataServer, session: aiohttp.ClientSession, via: dict[str, str]
 ) -> None:
     write_file(server.root / "huge.bin", 5, HUGE)
-    resp = await session.get(server.url + "/files/huge.bin")
+    resp = await session.get(server.url + "/files/huge.bin", headers=via)
     assert resp.status == 200
     assert await resp.content.readexactly(MiB) == pattern(5, 0, MiB)
     resp.close()  # drops the connection mid-body
@@ -454,10 +467,13 @@ async def test_client_going_away_releases_mappings(
 
 
 async def test_file_changed_mid_stream_aborts(
-    server: DataServer, session: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+    server: DataServer,
+    session: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+    via: dict[str, str],
 ) -> None:
     write_file(server.root / "huge.bin", 5, HUGE)
-    resp = await session.get(server.url + "/files/huge.bin")
+    resp = await session.get(server.url + "/files/huge.bin", headers=via)
     try:
         assert resp.status == 200
         assert await resp.content.readexactly(MiB) == pattern(5, 0, MiB)

@@ -18,11 +18,12 @@ from pathlib import Path
 import pytest
 
 from cachesvc.origins.base import Origin
-from tests.integration.data_rig import DataServer, KiB, serving, write_file
+from tests.integration.data_rig import DataServer, KiB, MiB, serving, write_file
 from tests.support.origins import TestOrigin
 
 SMALL = 10_000
-LARGE = 300 * KiB  # above SMALL_BODY: not answered by the fast path
+LARGE = MiB + 300 * KiB  # above SMALL_BODY: streamed in one mapping
+HUGE = 9 * MiB + 5  # streamed in several mappings
 TIMEOUT = 10.0
 
 
@@ -31,6 +32,7 @@ def server(tmp_path: Path) -> Iterator[DataServer]:
     root = tmp_path / "root"
     write_file(root / "f.bin", 1, SMALL)
     write_file(root / "large.bin", 2, LARGE)
+    write_file(root / "huge.bin", 5, HUGE)
     write_file(root / "d" / "a b.txt", 3, 100)
     write_file(root / "cold.bin", 4, SMALL)
     (root / "empty").write_bytes(b"")
@@ -138,9 +140,15 @@ CASES = [
     ("GET", "/files/empty", (), True),
     ("GET", "/files/empty", ("Range: bytes=0-5",), True),  # ignored: 200
     ("GET", "/files/d/a%20b.txt", ("Connection: keep-alive",), True),
-    ("GET", "/files/large.bin", (), False),
+    ("GET", "/files/large.bin", (), True),
+    ("HEAD", "/files/large.bin", (), True),
     ("GET", "/files/large.bin", ("Range: bytes=0-4095",), True),
-    ("GET", "/files/large.bin", ("Range: bytes=0-300000",), False),
+    ("GET", "/files/large.bin", ("Range: bytes=0-300000",), True),
+    ("GET", "/files/large.bin", ("Range: bytes=0-1048575",), True),  # copied: SMALL_BODY
+    ("GET", "/files/large.bin", ("Range: bytes=0-1048576",), True),  # streamed
+    ("GET", "/files/huge.bin", (), True),
+    ("GET", "/files/huge.bin", ("Range: bytes=1000-",), True),
+    ("GET", "/files/huge.bin", ("Range: bytes=-5000000",), True),
     ("GET", "/files/nope", (), True),  # 404 from the origin
     ("HEAD", "/files/nope", (), True),
     ("GET", "/files/d/", (), False),
@@ -220,6 +228,33 @@ async def test_many_pipelined_answers_arrive_whole_and_in_order(
         assert answer.header(b"Content-Range") == f"bytes {a}-{b}/{LARGE}".encode()
         assert answer.body == data[a : b + 1]
     assert server.fast_connections() == 1
+
+
+async def test_streamed_answers_keep_their_order_and_the_connection(
+    server: DataServer, connect: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="cachesvc.access")
+    connection = await connect()  # type: ignore[operator]
+    huge = (server.root / "huge.bin").read_bytes()
+    small = (server.root / "f.bin").read_bytes()
+    await connection.send(
+        request("GET", "/files/huge.bin")
+        + request("GET", "/files/f.bin", "Range: bytes=0-9")
+        + request("GET", "/files/huge.bin", "Range: bytes=5000000-")
+        + request("HEAD", "/files/huge.bin")
+    )
+    await asyncio.sleep(0.3)  # read nothing for a while: the first body waits
+    assert (await connection.answer()).body == huge
+    assert (await connection.answer()).body == small[:10]
+    third = await connection.answer()
+    assert third.header(b"Content-Range") == f"bytes 5000000-{HUGE - 1}/{HUGE}".encode()
+    assert third.body == huge[5000000:]
+    fourth = await connection.answer("HEAD")
+    assert fourth.header(b"Content-Length") == str(HUGE).encode()
+    assert server.fast_connections() == 1
+    assert server.cache is not None and server.cache.counters.mapped_bytes == 0
+    logged = [(r.status, r.bytes) for r in caplog.records if r.name == "cachesvc.access"]  # type: ignore[attr-defined]
+    assert logged == [(200, HUGE), (206, 10), (206, HUGE - 5000000), (200, 0)]
 
 
 async def test_a_write_is_seen_by_the_next_fast_read(server: DataServer, connect: object) -> None:
