@@ -18,6 +18,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from cachesvc.api import responses
 from tests.integration.data_rig import (
     DataServer,
     KiB,
@@ -496,3 +497,28 @@ async def test_file_changed_mid_stream_aborts(
         resp.close()
     fresh = await get(session, server, "/files/huge.bin", Range="bytes=-4")
     assert fresh.body == b"NEW!"
+
+
+async def test_a_client_that_reads_nothing_is_cut_off(
+    server: DataServer, via: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(responses, "SEND_IDLE_TIMEOUT", 0.5)
+    write_file(server.root / "huge.bin", 5, HUGE)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        head = "".join(f"{k}: {v}\r\n" for k, v in via.items())
+        writer.write(f"GET /files/huge.bin HTTP/1.1\r\nHost: x\r\n{head}\r\n".encode())
+        await writer.drain()
+        await asyncio.sleep(1.5)  # reads nothing for three timeouts
+        received = 0
+        async with asyncio.timeout(30):
+            while chunk := await reader.read(MiB):
+                received += len(chunk)
+        assert 0 < received < HUGE  # the connection was closed mid-body
+    finally:
+        writer.close()
+    for _ in range(200):  # up to 10 s
+        if not _mapped_bytes(server):
+            break
+        await asyncio.sleep(0.05)
+    assert _mapped_bytes(server) == 0
