@@ -177,6 +177,11 @@ async def stop(service: Service) -> int:
             grace,
         )
     service.data_site.close_idle()
+    # Answers on the fast path are not aiohttp's: cancelled here, so that
+    # they release their mappings before the cache closes.
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(LINGER_SECONDS):
+            await service.data_site.cancel_answers()
     for runner in service.runners:
         # Closes idle keep-alive connections; cancels handlers still running.
         await runner.cleanup()

@@ -83,6 +83,9 @@ class FastConnection(asyncio.Protocol):
         self._eof = False
         self._last_active = self._loop.time()
         self._idle_timer: asyncio.TimerHandle | None = None
+        # Done once the transport has let go of the connection (and of the
+        # buffers it was still sending).
+        self.lost: asyncio.Future[None] = self._loop.create_future()
 
     # Protocol callbacks
 
@@ -118,6 +121,8 @@ class FastConnection(asyncio.Protocol):
             self._answer_buffered()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(None)
         self._forget()
         if self._answering is not None:
             self._answering.cancel()
@@ -157,6 +162,7 @@ class FastConnection(asyncio.Protocol):
         try:
             reply = await self._reads.answer(request, self)
         except asyncio.CancelledError:  # the connection was lost
+            self._answering = None  # else the task and its traceback keep each other
             self._reads.record(request, None, started)
             raise
         finally:
@@ -271,6 +277,20 @@ class FastConnection(asyncio.Protocol):
         if self._answering is None:
             self._close()
 
+    def cancel_answer(self) -> list[asyncio.Future[None]]:
+        """Aborts the connection and cancels the answer in progress, if any
+        (shutdown, once the grace period is over); returns what to wait for:
+        the answer's task, and the transport letting go of its buffers."""
+        task, transport = self._answering, self._transport
+        self._forget()
+        if transport is None:
+            return []
+        transport.abort()
+        if task is None:
+            return [self.lost]
+        task.cancel()
+        return [task, self.lost]
+
     def _check_idle(self) -> None:
         """Closes a connection that has had no request for the idle timeout."""
         if self._transport is None:
@@ -321,6 +341,13 @@ class FastSite(web.TCPSite):
         """Closes every fast connection that is not answering a request."""
         for connection in list(self.connections):
             connection.close_if_idle()
+
+    async def cancel_answers(self) -> None:
+        """Aborts the connections still answering and waits for their answers
+        to end (and release their mappings)."""
+        waits = [w for connection in list(self.connections) for w in connection.cancel_answer()]
+        if waits:
+            await asyncio.wait(waits)
 
     async def start(self) -> None:
         await web.BaseSite.start(self)  # registers the site with the runner

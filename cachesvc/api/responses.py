@@ -53,7 +53,7 @@ from cachesvc.api.httpranges import (
     format_http_date,
 )
 from cachesvc.core.inode import CachingInode
-from cachesvc.core.mapping import Mapping
+from cachesvc.core.mapping import Mapping, release_all
 from cachesvc.core.ranges import Range
 
 log = logging.getLogger("cachesvc.api")
@@ -338,11 +338,15 @@ class BodyStreamer:
             # only end the connection.
             self._abort(str(exc))
             raise BodyAborted(str(exc)) from exc
+        except asyncio.CancelledError:
+            # Shutdown, or the client went away: the body cannot be finished,
+            # and the transport must drop the views it still holds.
+            self._sink.abort()
+            raise
         finally:
-            if first is not None:
-                await first.release()
-            while self._held:
-                await self._held.popleft()[1].release()
+            held = [mapping for _, mapping in self._held]
+            self._held.clear()
+            await release_all([first, *held] if first is not None else held)
 
     async def _write(self, data: bytes | memoryview) -> None:
         async with asyncio.timeout(SEND_IDLE_TIMEOUT):

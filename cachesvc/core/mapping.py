@@ -9,6 +9,8 @@ with a shared memory mapping.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Protocol
 
 from cachesvc.core.pages import copy_from_views
@@ -19,6 +21,10 @@ if TYPE_CHECKING:
 
 MemoryPieces = list[tuple[int, Range]]
 """``(file offset, memory range)`` pieces, in file order."""
+
+# Releases under way, referenced until done (the event loop keeps only weak
+# references to tasks). Protected by the event loop.
+_releasing: set[asyncio.Task[None]] = set()
 
 
 class MappingOwner(Protocol):
@@ -86,10 +92,32 @@ class Mapping:
         return bytes(out)
 
     async def release(self) -> None:
-        """Gives the pages back; the mapping must not be used afterwards."""
-        if self._released:
-            return
-        self._released = True
-        await self._owner.remove_mapping(
-            self._pages, self._memory, self.pinned, self._evictability_gen
-        )
+        """Gives the pages back; the mapping must not be used afterwards.
+        See :func:`release_all`."""
+        await release_all((self,))
+
+
+async def release_all(mappings: Iterable[Mapping]) -> None:
+    """Gives the pages of ``mappings`` back, all of them even if the caller
+    is cancelled meanwhile.
+
+    Releasing waits for the owner's locks, and the caller is often a
+    response whose client went away, cancelled in a ``finally`` block. So
+    the releases run in a task of their own, which a cancellation of the
+    caller does not stop (asyncio.shield); the caller's CancelledError is
+    raised all the same.
+    """
+    pending = [m for m in mappings if not m._released]
+    if not pending:
+        return
+    for mapping in pending:
+        mapping._released = True
+    task = asyncio.create_task(_remove(pending), name="release mappings")
+    _releasing.add(task)
+    task.add_done_callback(_releasing.discard)
+    await asyncio.shield(task)
+
+
+async def _remove(mappings: list[Mapping]) -> None:
+    for m in mappings:
+        await m._owner.remove_mapping(m._pages, m._memory, m.pinned, m._evictability_gen)

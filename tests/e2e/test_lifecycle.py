@@ -304,6 +304,33 @@ def test_shutdown_grace_bounds_a_stuck_request(tmp_path: Path) -> None:
     assert not (root / "stuck.bin").exists()
 
 
+@pytest.mark.parametrize("extra", ["", "X-Not-Simple: 1\r\n"], ids=["fast", "aiohttp"])
+def test_shutdown_grace_bounds_a_download_nobody_reads(tmp_path: Path, extra: str) -> None:
+    root = tmp_path / "origin"
+    root.mkdir()
+    (root / "big.bin").write_bytes(pattern(5, 0, 32 * MiB))
+    server = start_cachesvc(str(root), ["--shutdown-grace", "1s"], log_dir=tmp_path / "logs")
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as conn:
+            conn.sendall(f"GET /files/big.bin HTTP/1.1\r\nHost: x\r\n{extra}\r\n".encode())
+            assert conn.recv(64).startswith(b"HTTP/1.1 200 ")
+            time.sleep(0.5)  # the body fills the socket buffers; nobody reads
+            started = time.monotonic()
+            server.proc.send_signal(signal.SIGTERM)
+            server.proc.wait(timeout=STOP_TIMEOUT)
+            elapsed = time.monotonic() - started
+    finally:
+        status = server.stop(signal.SIGKILL, 5)
+    log = server.log()
+    assert status == 0, log
+    assert 1 <= elapsed < 8, elapsed
+    assert "1 request(s) still running after the 1s grace period" in log
+    assert "Traceback" not in log and "ERROR" not in log, log
+    # Cancelled, and its mappings released, before the cache closed.
+    assert "exported views" not in log, log
+    assert log.index("GET /files/big.bin 499") < log.index("shutdown complete"), log
+
+
 def test_make_run_defaults_serve_data_in_the_working_directory(tmp_path: Path) -> None:
     port, admin_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CACHESVC_")}

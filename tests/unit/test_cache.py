@@ -12,6 +12,7 @@ import pytest
 
 from cachesvc.core.errors import CacheFull
 from cachesvc.core.inode import COMPLETION_LOOKAHEAD
+from cachesvc.core.mapping import release_all
 from cachesvc.core.ranges import Range
 from cachesvc.origins.base import OriginNoSpace, OriginNotFound, OriginUnavailable
 from tests.support.content import pattern
@@ -377,3 +378,29 @@ async def test_peek_finds_only_files_needing_no_revalidation(tmp_path: Path) -> 
             assert rig.cache.peek("f.bin") is inode
         rig.cache.options = dataclasses.replace(rig.cache.options, revalidate=0.0)
         assert rig.cache.peek("f.bin") is None
+
+
+async def test_mappings_are_released_even_if_the_releaser_is_cancelled(tmp_path: Path) -> None:
+    root = tmp_path / "o"
+    make_file(root, "f.bin", MiB)
+    async with cache_rig(root) as rig, rig.cache.open("f.bin") as inode:
+        mappings = [await inode.map_range(i * 4096, 4096) for i in range(3)]
+        assert rig.cache.counters.mapped_bytes == 3 * 4096
+        # A writer holds maps_mu: releasing waits, and is cancelled meanwhile,
+        # as a response is when its client goes away.
+        await inode.maps_mu.acquire()
+        releaser = asyncio.create_task(release_all(mappings))
+        await asyncio.sleep(0.01)
+        assert not releaser.done()
+        releaser.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await releaser
+        inode.maps_mu.release()
+        for _ in range(100):
+            if not rig.cache.counters.mapped_bytes:
+                break
+            await asyncio.sleep(0.01)
+        assert rig.cache.counters.mapped_bytes == 0
+        assert not inode.mappings
+        await release_all(mappings)  # released once only
+        assert rig.cache.counters.mapped_bytes == 0
