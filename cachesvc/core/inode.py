@@ -505,34 +505,58 @@ class CachingInode:
     async def remove_mapping(
         self, pages: Range, memory: MemoryPieces, pinned: bool, evictability_gen: int
     ) -> None:
-        """Undoes _add_mapping_locked (called by Mapping.release).
+        """Undoes _add_mapping_locked (called by Mapping.release)."""
+        async with self.maps_mu, self.data_mu.reading():
+            self._remove_mapping_locked(pages, memory, pinned, evictability_gen)
+        self.cache.forget_if_idle(self)
+
+    def remove_mapping_now(
+        self, pages: Range, memory: MemoryPieces, pinned: bool, evictability_gen: int
+    ) -> bool:
+        """remove_mapping without suspending, when maps_mu is free and no
+        writer holds data_mu; else False, and nothing done.
+
+        The locks are not taken: nothing here awaits, so no other task can
+        run before it is done (as in read_cached_now).
+        """
+        if self.maps_mu.locked() or self.data_mu.held_for_writing:
+            return False
+        self._remove_mapping_locked(pages, memory, pinned, evictability_gen)
+        self.cache.forget_if_idle(self)
+        return True
+
+    def _remove_mapping_locked(
+        self, pages: Range, memory: MemoryPieces, pinned: bool, evictability_gen: int
+    ) -> None:
+        """Gives back the memory references and mapping counts of one mapping.
 
         Pages no longer mapped become evictable again if the mapping was a
         pin, or if an eviction or unpin since the mapping was taken may have
         taken them off the evictable set.
+
+        Preconditions: maps_mu is held; data_mu is held (for reading suffices);
+        or neither is held by anyone and the caller does not suspend.
         """
         for _, mem in memory:
             self.memfile.dec_ref(mem)
         if pages.is_empty:
             return
-        async with self.maps_mu, self.data_mu.reading():
-            segments = self.mappings.segments(pages)
-            if all(count == 1 for _, count in segments):
-                self.mappings.remove(pages)
-                released = [pages]
-            else:
-                self.mappings.update(pages, lambda _r, count: count - 1)
-                released = [rng for rng, count in self.mappings.segments(pages) if count == 0]
-                for rng in released:
-                    self.mappings.remove(rng)
-            self.cache.counters.mapped_bytes -= sum(rng.length for rng in released)
-            if pinned:
-                self._evictability_gen += 1
-            if pinned or evictability_gen != self._evictability_gen:
-                for rng in released:
-                    for seg, _ in self.cache_set.segments(rng):
-                        self.memfile.mark_evictable(self, seg.intersect(rng))
-        self.cache.forget_if_idle(self)
+        segments = self.mappings.segments(pages)
+        if all(count == 1 for _, count in segments):
+            self.mappings.remove(pages)
+            released = [pages]
+        else:
+            self.mappings.update(pages, lambda _r, count: count - 1)
+            released = [rng for rng, count in self.mappings.segments(pages) if count == 0]
+            for rng in released:
+                self.mappings.remove(rng)
+        self.cache.counters.mapped_bytes -= sum(rng.length for rng in released)
+        if pinned:
+            self._evictability_gen += 1
+        if pinned or evictability_gen != self._evictability_gen:
+            for rng in released:
+                for seg, _ in self.cache_set.segments(rng):
+                    self.memfile.mark_evictable(self, seg.intersect(rng))
 
     # ----------------------------------------------------------------- writes
 

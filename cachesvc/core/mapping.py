@@ -37,6 +37,10 @@ class MappingOwner(Protocol):
         self, pages: Range, memory: MemoryPieces, pinned: bool, evictability_gen: int
     ) -> None: ...
 
+    def remove_mapping_now(
+        self, pages: Range, memory: MemoryPieces, pinned: bool, evictability_gen: int
+    ) -> bool: ...
+
 
 class Mapping:
     """Cached bytes ``[offset, offset+length)`` of one file, held until released."""
@@ -101,18 +105,22 @@ async def release_all(mappings: Iterable[Mapping]) -> None:
     """Gives the pages of ``mappings`` back, all of them even if the caller
     is cancelled meanwhile.
 
-    Releasing waits for the owner's locks, and the caller is often a
+    Releasing may wait for the owner's locks, and the caller is often a
     response whose client went away, cancelled in a ``finally`` block. So
-    the releases run in a task of their own, which a cancellation of the
-    caller does not stop (asyncio.shield); the caller's CancelledError is
-    raised all the same.
+    a release that cannot be done at once runs in a task of its own, which
+    a cancellation of the caller does not stop (asyncio.shield); the
+    caller's CancelledError is raised all the same.
     """
-    pending = [m for m in mappings if not m._released]
-    if not pending:
+    waiting = []
+    for m in mappings:
+        if m._released:
+            continue
+        m._released = True
+        if not m._owner.remove_mapping_now(m._pages, m._memory, m.pinned, m._evictability_gen):
+            waiting.append(m)
+    if not waiting:
         return
-    for mapping in pending:
-        mapping._released = True
-    task = asyncio.create_task(_remove(pending), name="release mappings")
+    task = asyncio.create_task(_remove(waiting), name="release mappings")
     _releasing.add(task)
     task.add_done_callback(_releasing.discard)
     await asyncio.shield(task)
