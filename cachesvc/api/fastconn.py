@@ -161,8 +161,10 @@ class FastConnection(asyncio.Protocol):
         in_flight.enter()
         try:
             reply = await self._reads.answer(request, self)
-        except asyncio.CancelledError:  # the connection was lost
+        except asyncio.CancelledError:  # the connection was lost, or shutdown
             self._answering = None  # else the task and its traceback keep each other
+            if self._transport is not None:
+                self._transport.abort()  # an answer begun cannot be finished
             self._reads.record(request, None, started)
             raise
         finally:

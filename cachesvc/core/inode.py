@@ -326,7 +326,7 @@ class CachingInode:
                 finally:
                     self.data_mu.release_read()
             first_pass = False
-            await asyncio.gather(*waits)
+            await _wait_shared(waits)
 
     def _read_ahead_locked(self, end: int, windows: int = 2) -> None:
         """On sequential access, starts a fill (not awaited) of the next window
@@ -964,6 +964,16 @@ class CachingInode:
 
 
 __all__ = ["CachingInode"]
+
+
+async def _wait_shared(fills: list[asyncio.Future[None]]) -> None:
+    """Waits for fills that other readers may share; raises the first one's
+    error. Unlike gather, a waiter that is cancelled (a response whose client
+    went away) leaves the fills running for the others."""
+    if fills:
+        await asyncio.wait(fills)
+    for fill in fills:
+        fill.result()
 
 
 def _detached(exc: OriginError) -> OriginError:

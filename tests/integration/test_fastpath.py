@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import struct
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -255,6 +257,35 @@ async def test_streamed_answers_keep_their_order_and_the_connection(
     assert server.cache is not None and server.cache.counters.mapped_bytes == 0
     logged = [(r.status, r.bytes) for r in caplog.records if r.name == "cachesvc.access"]  # type: ignore[attr-defined]
     assert logged == [(200, HUGE), (206, 10), (206, HUGE - 5000000), (200, 0)]
+
+
+async def test_a_client_leaving_does_not_break_a_shared_cold_read(tmp_path: Path) -> None:
+    write_file(tmp_path / "root" / "big.bin", 6, 16 * MiB)
+    data = (tmp_path / "root" / "big.bin").read_bytes()
+
+    def slow(inner: Origin) -> Origin:
+        return TestOrigin(inner, delay=0.2)
+
+    with serving(tmp_path / "root", wrap_origin=slow) as server:
+        connections = []
+        for _ in range(2):
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            connections.append(Connection(reader, writer))
+            await connections[-1].send(request("GET", "/files/big.bin"))
+        leaving, staying = connections
+        # Both streams wait for the same fills. One client reads the first
+        # mapping's bytes and resets its connection: its stream, waiting for
+        # the next fill, is cancelled once it writes again.
+        async with asyncio.timeout(TIMEOUT):
+            await leaving.reader.readuntil(b"\r\n\r\n")
+            await leaving.reader.readexactly(4 * MiB)
+        sock = leaving.writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        leaving.writer.close()
+        answer = await staying.answer()
+        staying.writer.close()
+    assert answer.status_line == b"HTTP/1.1 200 OK"
+    assert answer.body == data
 
 
 async def test_a_write_is_seen_by_the_next_fast_read(server: DataServer, connect: object) -> None:

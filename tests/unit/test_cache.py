@@ -404,3 +404,19 @@ async def test_mappings_are_released_even_if_the_releaser_is_cancelled(tmp_path:
         assert not inode.mappings
         await release_all(mappings)  # released once only
         assert rig.cache.counters.mapped_bytes == 0
+
+
+async def test_a_cancelled_reader_leaves_a_shared_fill_to_the_others(tmp_path: Path) -> None:
+    root = tmp_path / "o"
+    data = make_file(root, "f.bin", MiB)
+    async with cache_rig(root, delay=0.05) as rig, rig.cache.open("f.bin") as inode:
+        # Two readers miss on the same range and share one fill; the first
+        # goes away (its client disconnected) while the origin is read.
+        leaving = asyncio.create_task(inode.read(0, 64 * 1024))
+        staying = asyncio.create_task(inode.read(0, 64 * 1024))
+        await asyncio.sleep(0.01)
+        leaving.cancel()
+        assert await staying == data[: 64 * 1024]
+        with pytest.raises(asyncio.CancelledError):
+            await leaving
+        assert rig.origin.calls["read"] == 1
