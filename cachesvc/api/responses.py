@@ -264,8 +264,12 @@ class BodySink(Protocol):
 class ResponseSink:
     """A BodySink writing through an aiohttp response."""
 
-    def __init__(self, response: web.StreamResponse, transport: asyncio.Transport) -> None:
+    def __init__(self, request: web.Request, response: web.StreamResponse) -> None:
+        transport = request.transport
+        if transport is None:
+            raise ConnectionResetError("connection closed before the response")
         self._response = response  # Immutable.
+        self._writer = request.writer  # the response's payload writer. Immutable.
         self._transport = transport  # Immutable.
 
     async def write(self, data: bytes | memoryview) -> None:
@@ -283,7 +287,7 @@ class ResponseSink:
         # drain() then returns once it has been resumed.
         transport.set_write_buffer_limits(high=0, low=0)
         try:
-            await self._response.drain()
+            await self._writer.drain()
         finally:
             if not transport.is_closing():
                 transport.set_write_buffer_limits(high=high, low=low)
@@ -382,10 +386,7 @@ async def stream_body(
     response = web.StreamResponse(status=plan.status, headers=plan.headers)
     response.content_length = plan.length
     try:
-        transport = request.transport
-        if transport is None:
-            raise ConnectionResetError("connection closed before the response")
-        streamer = BodyStreamer(ResponseSink(response, transport), inode, snap, transfer)
+        streamer = BodyStreamer(ResponseSink(request, response), inode, snap, transfer)
         await response.prepare(request)
     except ConnectionError as exc:
         # The client went away before the headers were out: aiohttp ends it.

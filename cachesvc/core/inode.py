@@ -344,6 +344,7 @@ class CachingInode:
         if window <= MIN_READAHEAD:
             return
         size_end = page_up(self.attr.size)
+        end = page_down(end)  # whole pages: the reader's next byte is on this one
         lookahead = Range(end, min(end + windows * window, size_end))
         if lookahead.is_empty:
             return

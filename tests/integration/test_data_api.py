@@ -499,6 +499,29 @@ async def test_file_changed_mid_stream_aborts(
     assert fresh.body == b"NEW!"
 
 
+async def test_a_slow_client_gets_the_whole_body(
+    server: DataServer, session: aiohttp.ClientSession, via: dict[str, str]
+) -> None:
+    # The client stops reading near the end: the server's last writes wait
+    # in the transport, and the stream waits for them to be sent before it
+    # lets the mappings go.
+    write_file(server.root / "huge.bin", 5, HUGE)
+    received = bytearray()
+    async with session.get(server.url + "/files/huge.bin", headers=via) as resp:
+        assert resp.status == 200
+        while len(received) < HUGE - 8 * MiB:
+            received += await resp.content.read(MiB)
+        await asyncio.sleep(0.5)
+        while chunk := await resp.content.read(MiB):
+            received += chunk
+    assert received == pattern(5, 0, HUGE)
+    for _ in range(100):
+        if not _mapped_bytes(server):
+            break
+        await asyncio.sleep(0.01)
+    assert _mapped_bytes(server) == 0
+
+
 async def test_a_client_that_reads_nothing_is_cut_off(
     server: DataServer, via: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -18,6 +18,7 @@ from cachesvc.origins.base import OriginNoSpace, OriginNotFound, OriginUnavailab
 from tests.support.content import pattern
 from tests.unit.cache_fixtures import cache_rig
 
+KiB = 1 << 10
 MiB = 1 << 20
 
 
@@ -420,3 +421,27 @@ async def test_a_cancelled_reader_leaves_a_shared_fill_to_the_others(tmp_path: P
         with pytest.raises(asyncio.CancelledError):
             await leaving
         assert rig.origin.calls["read"] == 1
+
+
+async def test_readahead_after_a_fill_starts_on_a_page_boundary(tmp_path: Path) -> None:
+    root = tmp_path / "o"
+    data = make_file(root, "f.bin", 8 * MiB)
+    async with cache_rig(root, delay=0.2, readahead=MiB) as rig, rig.cache.open("f.bin") as inode:
+        assert await inode.read(0, MiB) == data[:MiB]
+        far = asyncio.create_task(inode.read(6 * MiB, 4096))  # a slow fill elsewhere
+        await asyncio.sleep(0.05)
+        # A cached read whose end is not page-aligned sets where the reader
+        # goes next; then its pages are evicted.
+        assert await inode.read(1000, 200 * KiB) == data[1000 : 1000 + 200 * KiB]
+        await rig.cache.evict_all(wait=True)
+        assert not inode.cache_set
+        # The far fill completes and reads ahead of the reader, from the
+        # page its next byte is on.
+        assert await far == data[6 * MiB : 6 * MiB + 4096]
+        for _ in range(100):
+            if not inode._fills:
+                break
+            await asyncio.sleep(0.01)
+        next_byte = 1000 + 200 * KiB
+        assert inode.cache_set.find(next_byte - next_byte % 4096) is not None
+        inode.check_invariants()
