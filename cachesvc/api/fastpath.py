@@ -212,6 +212,8 @@ class FastReads:
                 body = await range_bytes(inode, rng, snap, transfer)
             except SnapshotChanged:
                 continue
+            if not snap.holds(inode, rng):
+                continue  # written while being copied: answer for the new version
             return Reply(plan.status, plan.fields, rng.length, body, transfer)
         return None
 

@@ -24,6 +24,7 @@ Invariants (protected as the fields say):
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import logging
 import time
@@ -67,6 +68,9 @@ _END = 1 << 62
 # 3 x 7 rounds interleaved) took a median 0.232-0.267 s with two and
 # 0.204-0.227 s with three; four was no better than two.
 COMPLETION_LOOKAHEAD = 3
+# Local changes remembered for readers of older versions (unchanged_since):
+# a reader that more changes passed meanwhile starts again.
+CHANGES_KEPT = 64
 
 
 @dataclass(slots=True)
@@ -141,6 +145,14 @@ class CachingInode:
         self._ra_window = MIN_READAHEAD
         # Requests using this inode (FileCache.open). Protected by the event loop.
         self.users = 0
+        # Bumped when the content is replaced by another origin version, whose
+        # attr.version starts again at 0. Protected by data_mu.
+        self.epoch = 0
+        # (attr.version made, file range whose bytes it changed) of the latest
+        # local changes, oldest first; cleared with each new epoch. Lets a
+        # reader of an older version tell whether its bytes changed
+        # (unchanged_since). Protected by data_mu.
+        self._changes: collections.deque[tuple[int, Range]] = collections.deque(maxlen=CHANGES_KEPT)
 
     def __repr__(self) -> str:
         return (
@@ -194,11 +206,32 @@ class CachingInode:
         for rng, count in self.mappings:
             assert count > 0, (rng, count)
 
-    def _bump_version_locked(self) -> None:
-        """Preconditions: attr_mu is held; data_mu is held for writing."""
+    def _bump_version_locked(self, changed: Range) -> None:
+        """Makes a new local version whose bytes differ from the last in ``changed``.
+
+        Preconditions: attr_mu is held; data_mu is held for writing.
+        """
         self.attr.version += 1
         self.attr.mtime = time.time()
         self.attr.refresh_etag()
+        self._changes.append((self.attr.version, changed))
+
+    def unchanged_since(self, epoch: int, version: int, rng: Range) -> bool:
+        """Whether the bytes of file range ``rng`` are still those of version
+        ``version`` of epoch ``epoch`` (a reader's snapshot): no local change
+        since touched them. False when that is not known any more.
+
+        Preconditions: data_mu is held (for reading suffices), or no writer
+        holds it and the caller does not suspend.
+        """
+        if epoch != self.epoch or version > self.attr.version:
+            return False
+        if version == self.attr.version:
+            return True
+        changes = self._changes
+        if not changes or changes[0][0] > version + 1:
+            return False  # some changes since are no longer recorded
+        return not any(made > version and changed.overlaps(rng) for made, changed in changes)
 
     # ------------------------------------------------------------------ reads
 
@@ -647,7 +680,7 @@ class CachingInode:
         if end > self.attr.size:
             self.attr.size = end
             self._size_dirty_gen = self._write_gen
-        self._bump_version_locked()
+        self._bump_version_locked(target)
 
     def _mark_dirty_locked(self, rng: Range) -> None:
         """Preconditions: data_mu is held for writing; ``rng`` is cached."""
@@ -697,7 +730,7 @@ class CachingInode:
                     self._truncated_to = min(self._truncated_to, size)
                 else:
                     self._truncated_to = size
-        self._bump_version_locked()
+        self._bump_version_locked(Range(min(old, size), _END))
 
     def _zero_tail_locked(self, size: int) -> None:
         """Zeroes cached bytes of the last page past ``size``.
@@ -764,10 +797,11 @@ class CachingInode:
             if end > self.attr.size:
                 async with self.maps_mu, self.data_mu.writing():
                     self._write_gen += 1
+                    grown = Range(self.attr.size, _END)
                     self.attr.size = end
                     if self._buffered:
                         self._size_dirty_gen = self._write_gen
-                    self._bump_version_locked()
+                    self._bump_version_locked(grown)
 
     # ------------------------------------------------------------- write-back
 
@@ -951,6 +985,8 @@ class CachingInode:
         self.attr.etag_base = stat.etag
         self.attr.version = 0
         self.attr.refresh_etag()
+        self.epoch += 1
+        self._changes.clear()
         self._origin_etag = stat.etag
         self._origin_valid = stat.size
         self.last_error = None

@@ -499,6 +499,35 @@ async def test_file_changed_mid_stream_aborts(
     assert fresh.body == b"NEW!"
 
 
+async def test_writes_elsewhere_leave_a_stream_alone(
+    server: DataServer, session: aiohttp.ClientSession, via: dict[str, str]
+) -> None:
+    # A download of the first half goes on while the second half is written
+    # and the file grows: its bytes and ETag stay those of the version it began with.
+    write_file(server.root / "huge.bin", 5, HUGE)
+    half = HUGE // 2
+    headers = {"Range": f"bytes=0-{half - 1}", **via}
+    async with session.get(server.url + "/files/huge.bin", headers=headers) as resp:
+        assert resp.status == 206
+        etag = resp.headers["ETag"]
+        received = bytearray(await resp.content.readexactly(MiB))
+        async with aiohttp.ClientSession() as writer:
+            for offset in (half, HUGE - 3, HUGE + 5):
+                patched = await fetch(
+                    writer,
+                    "PATCH",
+                    server.url + "/files/huge.bin",
+                    headers={"Content-Range": f"bytes {offset}-{offset + 3}/*"},
+                    data=b"NEW!",
+                )
+                assert patched.status == 204
+        received += await resp.content.read()
+    assert received == pattern(5, 0, half)
+    after = await head(session, server, "/files/huge.bin")
+    assert after.headers["ETag"] != etag
+    assert int(after.headers["Content-Length"]) == HUGE + 9
+
+
 async def test_a_slow_client_gets_the_whole_body(
     server: DataServer, session: aiohttp.ClientSession, via: dict[str, str]
 ) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from cachesvc.core.errors import CacheFull
-from cachesvc.core.inode import COMPLETION_LOOKAHEAD
+from cachesvc.core.inode import CHANGES_KEPT, COMPLETION_LOOKAHEAD
 from cachesvc.core.mapping import release_all
 from cachesvc.core.ranges import Range
 from cachesvc.origins.base import OriginNoSpace, OriginNotFound, OriginUnavailable
@@ -445,3 +445,34 @@ async def test_readahead_after_a_fill_starts_on_a_page_boundary(tmp_path: Path) 
         next_byte = 1000 + 200 * KiB
         assert inode.cache_set.find(next_byte - next_byte % 4096) is not None
         inode.check_invariants()
+
+
+async def test_unchanged_since_tells_which_bytes_later_versions_touched(tmp_path: Path) -> None:
+    root = tmp_path / "o"
+    make_file(root, "f.bin", MiB)
+    async with cache_rig(root) as rig, rig.cache.open("f.bin") as inode:
+        epoch, version = inode.epoch, inode.attr.version
+        head, tail = Range(0, 4096), Range(MiB - 4096, MiB)
+        assert inode.unchanged_since(epoch, version, head)
+        await inode.write(MiB - 10, b"x" * 20)  # the tail, and growth
+        assert inode.unchanged_since(epoch, version, head)
+        assert not inode.unchanged_since(epoch, version, tail)
+        await inode.allocate(0, 2 * MiB)  # growth only
+        assert inode.unchanged_since(epoch, version, Range(0, MiB - 10))
+        await inode.truncate(100_000)  # everything from 100,000 on
+        assert inode.unchanged_since(epoch, version, head)
+        assert not inode.unchanged_since(epoch, version, Range(99_000, 101_000))
+        assert not inode.unchanged_since(epoch, version + 10, head)  # a version not made yet
+        # Older than the changes remembered: not known, so changed.
+        for i in range(CHANGES_KEPT):
+            await inode.write(50_000 + i, b"y")
+        assert not inode.unchanged_since(epoch, version, head)
+        now = inode.attr.version
+        await inode.write(60_000, b"z")
+        assert inode.unchanged_since(epoch, now, head)
+        # Another origin version: nothing of the old one is known to hold.
+        async with inode.attr_mu, inode.maps_mu, inode.data_mu.writing():
+            inode.discard_locked()
+        await inode.replaced(await rig.origin.stat("f.bin"))
+        assert not inode.unchanged_since(epoch, inode.attr.version, head)
+        assert inode.unchanged_since(inode.epoch, inode.attr.version, head)
