@@ -71,6 +71,8 @@ COMPLETION_LOOKAHEAD = 3
 # Local changes remembered for readers of older versions (unchanged_since):
 # a reader that more changes passed meanwhile starts again.
 CHANGES_KEPT = 64
+# How often a fill follows the origin to a version our own write-backs made.
+PIN_RETRIES = 3
 
 
 @dataclass(slots=True)
@@ -145,6 +147,11 @@ class CachingInode:
         self._ra_window = MIN_READAHEAD
         # Requests using this inode (FileCache.open). Protected by the event loop.
         self.users = 0
+        # Buffered origins, while a write-back replaces the origin's object:
+        # resolved with the version it made once the upload is done (None if
+        # it failed), until _origin_etag says so too. Fills pinned to the old
+        # version wait for it (_read_origin). Protected by the event loop.
+        self._uploading: asyncio.Future[str | None] | None = None
         # Bumped when the content is replaced by another origin version, whose
         # attr.version starts again at 0. Protected by data_mu.
         self.epoch = 0
@@ -434,9 +441,7 @@ class CachingInode:
 
         async def reader(views: list[memoryview]) -> int:
             if want:
-                got = await self.origin.read_into(
-                    self.path, rng.start, slice_views(views, 0, want), pin
-                )
+                got = await self._read_origin(rng.start, slice_views(views, 0, want), pin)
                 if got < want:
                     raise OriginConflict(f"{self.path}: origin file is shorter than expected")
             return rng.length
@@ -471,6 +476,34 @@ class CachingInode:
             if not fill.done.done():
                 fill.done.set_result(None)
         self.cache.note_allocation()
+
+    async def _read_origin(self, offset: int, views: list[memoryview], pin: str | None) -> int:
+        """Reads origin bytes of version ``pin`` into ``views``.
+
+        If our own write-back replaced that version meanwhile (buffered
+        origins upload whole objects), reads from the version it made
+        instead: a fill reads only pages that are not cached, so not dirty,
+        and a write-back changes only dirty bytes. Other changes of the
+        origin's version raise OriginConflict.
+        """
+        for _ in range(PIN_RETRIES):
+            try:
+                return await self.origin.read_into(self.path, offset, views, pin)
+            except OriginConflict:
+                newer = await self._version_written_since(pin)
+                if newer is None:
+                    raise
+                pin = newer
+        return await self.origin.read_into(self.path, offset, views, pin)
+
+    async def _version_written_since(self, pin: str | None) -> str | None:
+        """The origin version our own write-back made after ``pin``, waiting
+        for an upload in progress; None if there is none."""
+        uploading = self._uploading
+        if uploading is not None and (made := await uploading) is not None and made != pin:
+            return made
+        current = self._origin_etag
+        return current if current is not None and current != pin else None
 
     def _insert_filled_locked(self, rng: Range, mem_start: int) -> None:
         """Inserts the still-uncached parts of a fill and frees the rest.
@@ -828,17 +861,25 @@ class CachingInode:
             if sync and self.origin.capabilities.durable_sync:
                 await self._sync_origin()
             return 0
+        uploading: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self._uploading = uploading
         try:
-            stat = await self._write_snapshot(snapshot)
-        except OriginError as exc:
-            self.cache.counters.writeback_errors += 1
-            self.last_error = _detached(exc)
-            log.warning("write-back of %s failed, data kept dirty: %s", self.path, exc)
-            raise
+            try:
+                stat = await self._write_snapshot(snapshot)
+            except OriginError as exc:
+                self.cache.counters.writeback_errors += 1
+                self.last_error = _detached(exc)
+                log.warning("write-back of %s failed, data kept dirty: %s", self.path, exc)
+                raise
+            finally:
+                snapshot.release()
+            uploading.set_result(stat.etag)
+            async with self.attr_mu, self.maps_mu, self.data_mu.writing():
+                self._written_back_locked(snapshot, stat)
         finally:
-            snapshot.release()
-        async with self.attr_mu, self.maps_mu, self.data_mu.writing():
-            self._written_back_locked(snapshot, stat)
+            if not uploading.done():
+                uploading.set_result(None)
+            self._uploading = None
         written = sum(r.length for r in snapshot.dirty)
         self.cache.counters.writeback_bytes += written
         return written

@@ -8,8 +8,10 @@ can check which parts went up as ``UploadPart`` and which were copied with
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import random
 import re
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -242,3 +244,34 @@ async def test_failing_upload_keeps_data_and_reports_on_fsync(service: Service) 
     assert await service.fsync("f.bin") == (204, None)
     assert await service.object_bytes("f.bin") == bytes(model)
     assert await service.get("f.bin") == (200, bytes(model))
+
+
+async def test_reads_during_a_write_back_follow_the_new_object(service: Service) -> None:
+    # A write-back replaces the whole object; fills that started pinned to
+    # the old version must follow it to the new one, not fail.
+    size = 12 * MiB
+    model = bytearray(pattern(7, 0, size))
+    await service.put_object("moving.bin", bytes(model))
+    rng = random.Random(7)
+    errors: list[str] = []
+
+    async def reader(stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            offset = rng.randrange(size - 64 * KiB) // 4096 * 4096
+            headers = {"Range": f"bytes={offset}-{offset + 64 * KiB - 1}"}
+            status, body = await service.get("moving.bin", headers)
+            if status != 206 or body != bytes(model[offset : offset + 64 * KiB]):
+                errors.append(f"{status} at {offset}: {body[:200]!r}")
+
+    for round_ in range(6):
+        data = pattern(8 + round_, 0, 1000)
+        await service.put_range("moving.bin", round_ * 5000, data)
+        apply(model, round_ * 5000, data)
+        stop = asyncio.Event()
+        readers = [asyncio.create_task(reader(stop)) for _ in range(4)]
+        status, _ = await service.fsync("moving.bin")
+        stop.set()
+        await asyncio.gather(*readers)
+        assert status == 204
+    assert not errors, errors[:3]
+    assert await service.object_bytes("moving.bin") == bytes(model)
