@@ -446,6 +446,19 @@ async def test_many_small_reads_hold_no_mappings(
 HUGE = 32 * MiB  # more than the socket buffers hold
 
 
+async def patch_on_the_side(server: DataServer, path: str, offset: int, data: bytes) -> None:
+    """A PATCH from a client of its own, while the test's session is reading."""
+    async with aiohttp.ClientSession() as writer:
+        patched = await fetch(
+            writer,
+            "PATCH",
+            server.url + path,
+            headers={"Content-Range": f"bytes {offset}-{offset + len(data) - 1}/*"},
+            data=data,
+        )
+    assert patched.status == 204
+
+
 def _mapped_bytes(server: DataServer) -> int:
     assert server.cache is not None
     return server.cache.counters.mapped_bytes
@@ -478,15 +491,7 @@ async def test_file_changed_mid_stream_aborts(
     try:
         assert resp.status == 200
         assert await resp.content.readexactly(MiB) == pattern(5, 0, MiB)
-        async with aiohttp.ClientSession() as writer:
-            patched = await fetch(
-                writer,
-                "PATCH",
-                server.url + "/files/huge.bin",
-                headers={"Content-Range": f"bytes {HUGE - 4}-{HUGE - 1}/*"},
-                data=b"NEW!",
-            )
-            assert patched.status == 204
+        await patch_on_the_side(server, "/files/huge.bin", HUGE - 4, b"NEW!")
         # The rest never arrives whole: the client sees a broken body, never
         # a mix of old bytes and "NEW!" at the end.
         with pytest.raises(aiohttp.ClientPayloadError):
@@ -511,16 +516,8 @@ async def test_writes_elsewhere_leave_a_stream_alone(
         assert resp.status == 206
         etag = resp.headers["ETag"]
         received = bytearray(await resp.content.readexactly(MiB))
-        async with aiohttp.ClientSession() as writer:
-            for offset in (half, HUGE - 3, HUGE + 5):
-                patched = await fetch(
-                    writer,
-                    "PATCH",
-                    server.url + "/files/huge.bin",
-                    headers={"Content-Range": f"bytes {offset}-{offset + 3}/*"},
-                    data=b"NEW!",
-                )
-                assert patched.status == 204
+        for offset in (half, HUGE - 3, HUGE + 5):
+            await patch_on_the_side(server, "/files/huge.bin", offset, b"NEW!")
         received += await resp.content.read()
     assert received == pattern(5, 0, half)
     after = await head(session, server, "/files/huge.bin")
