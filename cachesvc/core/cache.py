@@ -153,7 +153,11 @@ class FileCache:
             if not keep:
                 self.forget_if_idle(inode)
 
-    async def _get(self, path: str, *, create: bool) -> CachingInode:
+    async def _get(
+        self, path: str, *, create: bool, known: OriginStat | None = None
+    ) -> CachingInode:
+        """The inode of ``path``, made from the origin's stat (or from
+        ``known``, a stat just returned by a write) if there is none."""
         inode = self._inodes.get(path)
         if inode is not None:
             self._inodes.move_to_end(path)
@@ -167,7 +171,7 @@ class FileCache:
         self._opening[path] = future
         try:
             try:
-                stat = await self.origin.stat(path)
+                stat = known or await self.origin.stat(path)
             except OriginNotFound:
                 if not create:
                     raise
@@ -236,7 +240,9 @@ class FileCache:
             inode = await self._get(path, create=False)
         except OriginNotFound:
             stat = await self.origin.replace(path, chunks)
-            inode = await self._get(path, create=False)
+            # Not stat again: a DELETE may already have removed the new file,
+            # and this PUT still succeeded.
+            inode = await self._get(path, create=False, known=stat)
         inode.users += 1
         try:
             async with inode.writeback_mu, inode.attr_mu:

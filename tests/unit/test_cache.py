@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -476,3 +477,22 @@ async def test_unchanged_since_tells_which_bytes_later_versions_touched(tmp_path
         await inode.replaced(await rig.origin.stat("f.bin"))
         assert not inode.unchanged_since(epoch, inode.attr.version, head)
         assert inode.unchanged_since(inode.epoch, inode.attr.version, head)
+
+
+async def test_a_put_of_a_new_file_succeeds_even_if_it_is_deleted_at_once(tmp_path: Path) -> None:
+    root = tmp_path / "o"
+    root.mkdir()
+    async with cache_rig(root, delay=0.05) as rig:
+
+        async def chunks() -> AsyncIterator[bytes]:
+            yield b"abc"
+
+        putting = asyncio.create_task(rig.cache.replace("new.bin", chunks()))
+        for _ in range(500):  # until the upload is done
+            if (root / "new.bin").exists():
+                break
+            await asyncio.sleep(0.002)
+        (root / "new.bin").unlink()  # as a concurrent DELETE would
+        inode, created = await putting
+        assert created
+        assert inode.attr.size == 3
