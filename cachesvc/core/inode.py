@@ -147,6 +147,9 @@ class CachingInode:
         self._ra_window = MIN_READAHEAD
         # Requests using this inode (FileCache.open). Protected by the event loop.
         self.users = 0
+        # Truncates of a written-through origin in progress. Protected by the
+        # event loop.
+        self._resizing = 0
         # Buffered origins, while a write-back replaces the origin's object:
         # resolved with the version it made once the upload is done (None if
         # it failed), until _origin_etag says so too. Fills pinned to the old
@@ -454,8 +457,13 @@ class CachingInode:
                 prefault=self.origin.capabilities.prefault_fills,
             )
         except Exception as exc:
-            # Waiters get the error; retrieve it here too, since they may all be gone.
             self._fills.remove(fill)
+            if fill.stale or (self._resizing and isinstance(exc, OriginConflict)):
+                # Our own truncate cut the origin short under a fill whose
+                # bytes would be dropped anyway: its waiters look again.
+                fill.done.set_result(None)
+                return
+            # Waiters get the error; retrieve it here too, since they may all be gone.
             fill.done.set_exception(exc)
             fill.done.exception()
             return
@@ -734,12 +742,20 @@ class CachingInode:
             raise ValueError(f"negative size {size}")
         self._require_writable()
         async with self.attr_mu:
-            if not self._buffered:
-                # Written through, as the reference design does.
-                self._origin_etag = None
+            if self._buffered:
+                async with self.maps_mu, self.data_mu.writing():
+                    self._truncate_locked(size)
+                return
+            # Written through, as the reference design does. Until the new
+            # size is set here too, fills may find the origin shorter.
+            self._origin_etag = None
+            self._resizing += 1
+            try:
                 await self.origin.set_size(self.path, size)
-            async with self.maps_mu, self.data_mu.writing():
-                self._truncate_locked(size)
+                async with self.maps_mu, self.data_mu.writing():
+                    self._truncate_locked(size)
+            finally:
+                self._resizing -= 1
 
     def _truncate_locked(self, size: int) -> None:
         """Preconditions: attr_mu and maps_mu are held; data_mu is held for writing."""

@@ -496,3 +496,17 @@ async def test_a_put_of_a_new_file_succeeds_even_if_it_is_deleted_at_once(tmp_pa
         inode, created = await putting
         assert created
         assert inode.attr.size == 3
+
+
+async def test_a_read_racing_our_own_truncate_sees_the_new_size(tmp_path: Path) -> None:
+    root = tmp_path / "o"
+    data = make_file(root, "f.bin", MiB)
+    async with cache_rig(root) as rig, rig.cache.open("f.bin") as inode:
+        gate = asyncio.Event()
+        rig.origin.read_gate = gate  # the fill waits until the truncate is done
+        reading = asyncio.create_task(inode.read(512 * KiB, 64 * KiB))
+        await asyncio.sleep(0.05)
+        await inode.truncate(100_000)  # written through: the origin shrinks first
+        gate.set()
+        assert await reading == b""  # past the new end, not an error
+        assert await inode.read(99_000, 2000) == data[99_000:100_000]
