@@ -217,8 +217,8 @@ async def small_body(
     """The whole body of a small ``plan``, copied out of the cache.
 
     A body of one range is that range's copy itself; a multipart body is
-    assembled in one buffer. Raises SnapshotChanged if the file changed
-    before the copy was complete.
+    assembled in one buffer. Raises SnapshotChanged if a write changed a
+    range before its copy was complete.
     """
     pieces = plan.pieces
     body: bytes | bytearray
@@ -236,17 +236,19 @@ async def small_body(
             )
             out[pos : pos + len(data)] = data
             pos += len(data)
-    # The copy saw one version only if no write to its ranges came in meanwhile.
-    if not all(snap.holds(inode, piece) for piece in pieces if isinstance(piece, Range)):
-        raise SnapshotChanged(f"{inode.path} changed while being read")
     return body
 
 
 async def range_bytes(inode: CachingInode, rng: Range, snap: Snapshot, transfer: Transfer) -> bytes:
-    """A copy of ``rng``: from the cache under data_mu, or through a mapping on a miss."""
+    """A copy of ``rng`` as version ``snap`` has it: from the cache under
+    data_mu, or through a mapping on a miss; SnapshotChanged if a write
+    changed its bytes first. (Nothing awaits between either copy and its
+    check, so the check sees the state the copy was made in.)"""
     cached = await inode.read_cached(rng.start, rng.length)
     if cached is not None and len(cached) == rng.length:
         # Cached: one copy under data_mu, no mapping bookkeeping.
+        if not snap.holds(inode, rng):
+            raise SnapshotChanged(f"{inode.path} changed while being read")
         transfer.note_hit()
         return cached
     mapping = await map_exact(inode, rng, snap)
