@@ -19,6 +19,7 @@ from typing import cast
 from aiohttp import web
 
 from cachesvc.api.fastpath import FastReads, Reply
+from cachesvc.api.responses import until_sent
 from cachesvc.api.simplehttp import HEAD_END, SimpleRequest, parse_simple
 
 # Unanswered bytes buffered before a connection stops reading.
@@ -210,25 +211,13 @@ class FastConnection(asyncio.Protocol):
 
     async def write(self, data: bytes | memoryview) -> None:
         self._live_transport().write(data)
-        if not self._writing:
-            await self._until_writable()
+        await self._until_writable()
 
     def unsent(self) -> int:
         return self._transport.get_write_buffer_size() if self._transport is not None else 0
 
     async def drain(self) -> None:
-        transport = self._live_transport()
-        if transport.get_write_buffer_size() == 0:
-            return
-        low, high = transport.get_write_buffer_limits()
-        # A high-water mark of 0 pauses writing until the buffer is empty.
-        transport.set_write_buffer_limits(high=0, low=0)
-        try:
-            if not self._writing:
-                await self._until_writable()
-        finally:
-            if self._transport is not None:
-                transport.set_write_buffer_limits(high=high, low=low)
+        await until_sent(self._live_transport(), self._until_writable)
 
     def abort(self) -> None:
         if self._transport is not None:
@@ -240,7 +229,10 @@ class FastConnection(asyncio.Protocol):
         return self._transport
 
     async def _until_writable(self) -> None:
-        """Waits for resume_writing (connection_lost cancels the waiting task)."""
+        """Waits for resume_writing if writing is paused (connection_lost
+        cancels the waiting task)."""
+        if self._writing:
+            return
         self._writable = self._loop.create_future()
         try:
             await self._writable

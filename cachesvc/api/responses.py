@@ -45,7 +45,7 @@ import asyncio
 import collections
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -294,21 +294,27 @@ class ResponseSink:
         return self._transport.get_write_buffer_size()
 
     async def drain(self) -> None:
-        transport = self._transport
-        if transport.get_write_buffer_size() == 0 or transport.is_closing():
-            return
-        low, high = transport.get_write_buffer_limits()
-        # A high-water mark of 0 pauses the protocol until the buffer is empty;
-        # drain() then returns once it has been resumed.
-        transport.set_write_buffer_limits(high=0, low=0)
-        try:
-            await self._writer.drain()
-        finally:
-            if not transport.is_closing():
-                transport.set_write_buffer_limits(high=high, low=low)
+        await until_sent(self._transport, self._writer.drain)
 
     def abort(self) -> None:
         self._transport.abort()
+
+
+async def until_sent(transport: asyncio.Transport, resumed: Callable[[], Awaitable[None]]) -> None:
+    """Returns once ``transport`` has sent every byte handed to it.
+
+    A high-water mark of 0 pauses the protocol until the buffer is empty;
+    ``resumed`` waits for its resume_writing (or returns if it is not paused).
+    """
+    if transport.get_write_buffer_size() == 0 or transport.is_closing():
+        return
+    low, high = transport.get_write_buffer_limits()
+    transport.set_write_buffer_limits(high=0, low=0)
+    try:
+        await resumed()
+    finally:
+        if not transport.is_closing():
+            transport.set_write_buffer_limits(high=high, low=low)
 
 
 class BodyStreamer:
@@ -376,8 +382,10 @@ class BodyStreamer:
     async def _release_sent(self) -> None:
         # The transport sends in order: everything but its unsent tail is out.
         sent = self._written - self._sink.unsent()
+        done = []
         while self._held and self._held[0][0] <= sent:
-            await self._held.popleft()[1].release()
+            done.append(self._held.popleft()[1])
+        await release_all(done)
 
     def _abort(self, why: str) -> None:
         log.warning("aborting the response for %s mid-body: %s", self._inode.path, why)
