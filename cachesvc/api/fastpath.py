@@ -66,6 +66,7 @@ from cachesvc.api.responses import (
     Transfer,
     map_first_chunk,
     range_bytes,
+    validator_headers,
 )
 from cachesvc.api.simplehttp import SimpleRequest
 from cachesvc.api.writes import HEADER_TIMEOUT
@@ -290,7 +291,7 @@ def _fixed_fields(inode: CachingInode, path: str) -> str:
 def _fields(token: str, mtime: float, path: str) -> str:
     """The header lines every answer of one version of a file starts with,
     in the order the aiohttp handler sends them (see Snapshot.headers)."""
-    fields = {**Snapshot(0, mtime, token).headers(), "Content-Type": content_type(path)}
+    fields = {**validator_headers(token, mtime), "Content-Type": content_type(path)}
     return "".join(f"{name}: {value}\r\n" for name, value in fields.items())
 
 

@@ -91,8 +91,8 @@ class Snapshot:
     size: int
     mtime: float
     token: str  # inode.attr.etag at the time of the snapshot
-    epoch: int = 0  # inode.epoch and inode.attr.version then
-    version: int = 0
+    epoch: int  # inode.epoch and inode.attr.version then
+    version: int
 
     @classmethod
     def of(cls, inode: CachingInode) -> Snapshot:
@@ -113,9 +113,13 @@ class Snapshot:
         return _validators(self.token, self.mtime)[1]
 
     def headers(self) -> dict[str, str]:
-        """The validator headers every file response carries."""
-        etag, last_modified = _validators(self.token, self.mtime)
-        return {"Accept-Ranges": "bytes", "ETag": etag, "Last-Modified": last_modified}
+        return validator_headers(self.token, self.mtime)
+
+
+def validator_headers(token: str, mtime: float) -> dict[str, str]:
+    """The validator headers every response of one version of a file carries."""
+    etag, last_modified = _validators(token, mtime)
+    return {"Accept-Ranges": "bytes", "ETag": etag, "Last-Modified": last_modified}
 
 
 @functools.lru_cache(maxsize=4096)
