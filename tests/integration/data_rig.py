@@ -134,6 +134,17 @@ class DataServer:
         future: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(run(), self._loop)
         return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
 
+    async def mapped_bytes_settled(self, timeout: float = 10.0) -> int:
+        """The cache's mapped bytes once they are 0, or after ``timeout``
+        seconds: a stream cut short releases its mappings soon after."""
+        assert self.cache is not None
+        counters = self.cache.counters
+        for _ in range(int(timeout / 0.02)):
+            if not counters.mapped_bytes:
+                break
+            await asyncio.sleep(0.02)
+        return counters.mapped_bytes
+
     def fast_connections(self) -> int:
         """Connections still on the fast read path (not handed to aiohttp)."""
         assert self.site is not None

@@ -459,11 +459,6 @@ async def patch_on_the_side(server: DataServer, path: str, offset: int, data: by
     assert patched.status == 204
 
 
-def _mapped_bytes(server: DataServer) -> int:
-    assert server.cache is not None
-    return server.cache.counters.mapped_bytes
-
-
 async def test_client_going_away_releases_mappings(
     server: DataServer, session: aiohttp.ClientSession, via: dict[str, str]
 ) -> None:
@@ -472,11 +467,7 @@ async def test_client_going_away_releases_mappings(
     assert resp.status == 200
     assert await resp.content.readexactly(MiB) == pattern(5, 0, MiB)
     resp.close()  # drops the connection mid-body
-    for _ in range(200):  # up to 10 s
-        if not _mapped_bytes(server):
-            break
-        await asyncio.sleep(0.05)
-    assert _mapped_bytes(server) == 0
+    assert await server.mapped_bytes_settled() == 0
     assert (await get(session, server, "/files/f.bin")).status == 200
 
 
@@ -541,11 +532,7 @@ async def test_a_slow_client_gets_the_whole_body(
         while chunk := await resp.content.read(MiB):
             received += chunk
     assert received == pattern(5, 0, HUGE)
-    for _ in range(100):
-        if not _mapped_bytes(server):
-            break
-        await asyncio.sleep(0.01)
-    assert _mapped_bytes(server) == 0
+    assert await server.mapped_bytes_settled() == 0
 
 
 async def test_a_client_that_reads_nothing_is_cut_off(
@@ -566,8 +553,4 @@ async def test_a_client_that_reads_nothing_is_cut_off(
         assert 0 < received < HUGE  # the connection was closed mid-body
     finally:
         writer.close()
-    for _ in range(200):  # up to 10 s
-        if not _mapped_bytes(server):
-            break
-        await asyncio.sleep(0.05)
-    assert _mapped_bytes(server) == 0
+    assert await server.mapped_bytes_settled() == 0
