@@ -39,7 +39,6 @@ from cachesvc.api.httpranges import (
     WriteRange,
     evaluate_preconditions,
     format_etag,
-    format_http_date,
     if_range_allows,
     parse_content_range,
     parse_decimal,
@@ -48,7 +47,7 @@ from cachesvc.api.httpranges import (
     unsatisfied_content_range,
 )
 from cachesvc.api.metrics import Metrics
-from cachesvc.api.paths import FILES_PREFIX, BadPath, RequestPath, decode_raw_path, validate_path
+from cachesvc.api.paths import BadPath, RequestPath, decode_raw_path, validate_path
 from cachesvc.api.responses import (
     SMALL_BODY,
     BodyPlan,
@@ -70,7 +69,7 @@ from cachesvc.config import Config
 from cachesvc.core.cache import FileCache
 from cachesvc.core.ranges import MAX_OFFSET, Range
 from cachesvc.origins.base import DirEntry, OriginNotFound
-from cachesvc.origins.http import INSTANCE_HEADER
+from cachesvc.wire import FILES_PREFIX, INSTANCE_HEADER, format_http_date
 
 access_log = logging.getLogger("cachesvc.access")
 

@@ -55,7 +55,7 @@ from cachesvc.api.data import INSTANCE_ID, READ_ATTEMPTS, DataState, content_typ
 from cachesvc.api.errors import ERROR_CONTENT_TYPE, error_body, mapped_error
 from cachesvc.api.httpranges import RangeKind, format_content_range, parse_range
 from cachesvc.api.inflight import InFlight
-from cachesvc.api.paths import FILES_PREFIX, BadPath, decode_raw_path
+from cachesvc.api.paths import BadPath, decode_raw_path
 from cachesvc.api.responses import (
     SMALL_BODY,
     BodyAborted,
@@ -72,7 +72,7 @@ from cachesvc.api.simplehttp import SimpleRequest
 from cachesvc.api.writes import HEADER_TIMEOUT
 from cachesvc.core.inode import CachingInode
 from cachesvc.core.ranges import Range
-from cachesvc.origins.http import INSTANCE_HEADER
+from cachesvc.wire import FILES_PREFIX, INSTANCE_HEADER
 
 log = logging.getLogger("cachesvc.api")
 # What the access log and metrics say of a request whose client went away.

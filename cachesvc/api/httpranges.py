@@ -35,8 +35,6 @@ Conditional requests follow the evaluation order of RFC 9110 §13.2.2
 
 from __future__ import annotations
 
-import datetime
-import email.utils
 import enum
 import math
 import re
@@ -46,6 +44,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from cachesvc.core.ranges import MAX_OFFSET, Range
+from cachesvc.wire import parse_http_date
 
 __all__ = [
     "EntityTag",
@@ -58,12 +57,10 @@ __all__ = [
     "evaluate_preconditions",
     "format_content_range",
     "format_etag",
-    "format_http_date",
     "if_range_allows",
     "parse_content_range",
     "parse_decimal",
     "parse_entity_tags",
-    "parse_http_date",
     "parse_range",
     "parse_update_range",
     "unsatisfied_content_range",
@@ -469,29 +466,6 @@ def _resource_tag(etag: str | None) -> EntityTag | None:
     if len(tags) != 1:
         raise ValueError(f"not a single entity-tag: {etag!r}")
     return tags[0]
-
-
-def parse_http_date(value: str) -> int | None:
-    """Seconds since the epoch of an HTTP-date (IMF-fixdate, RFC 850 or asctime form).
-
-    None when the value is not one valid date (a list of dates included);
-    a date without a zone is taken as GMT.
-    """
-    # IMF-fixdate and RFC 850 dates have one comma, asctime dates none.
-    if value.count(",") > 1:
-        return None
-    try:
-        moment = email.utils.parsedate_to_datetime(value)
-    except (ValueError, TypeError, IndexError, OverflowError):
-        return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=datetime.UTC)
-    return math.floor(moment.timestamp())
-
-
-def format_http_date(timestamp: float) -> str:
-    """IMF-fixdate of ``timestamp`` (truncated to whole seconds), for ``Last-Modified``."""
-    return email.utils.formatdate(math.floor(timestamp), usegmt=True)
 
 
 # ---------------------------------------------------------------------------

@@ -14,8 +14,6 @@ import re
 import urllib.parse
 from dataclasses import dataclass
 
-# Where the data API serves files: /files/<path>.
-FILES_PREFIX = "/files/"
 MAX_PATH_BYTES = 4096
 _ENCODED_SEPARATOR = re.compile(r"%(2f|5c)", re.IGNORECASE)
 # C0 controls, DEL and C1 controls.

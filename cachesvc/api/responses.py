@@ -55,11 +55,11 @@ from cachesvc.api.httpranges import (
     MultipartPlan,
     format_content_range,
     format_etag,
-    format_http_date,
 )
 from cachesvc.core.inode import CachingInode
 from cachesvc.core.mapping import Mapping, release_all
 from cachesvc.core.ranges import Range
+from cachesvc.wire import format_http_date
 
 log = logging.getLogger("cachesvc.api")
 

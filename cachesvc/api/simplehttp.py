@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from cachesvc.api.paths import FILES_PREFIX
+from cachesvc.wire import FILES_PREFIX
 
 # A longer head goes to aiohttp, whose default line limit is 8190 bytes.
 MAX_HEAD = 8190

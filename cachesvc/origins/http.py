@@ -84,6 +84,7 @@ from cachesvc.origins.http_parse import (
     unsatisfied_size,
 )
 from cachesvc.origins.http_reads import BufferSink, RangeClient, Response
+from cachesvc.wire import INSTANCE_HEADER
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +92,6 @@ T = TypeVar("T")
 
 # Response header carrying a value unique to one run of a cachesvc process
 # (a write verifier): a lower tier that restarted has lost unsynced writes.
-INSTANCE_HEADER = "X-Cachesvc-Instance"
 
 READ_ONLY_MESSAGE = (
     "the HTTP origin is read-only; start cachesvc with --http-origin-writes "

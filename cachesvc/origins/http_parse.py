@@ -12,8 +12,6 @@ error body). Ranges here are HTTP's inclusive ``first-last``, as on the wire.
 from __future__ import annotations
 
 import contextlib
-import datetime
-import email.utils
 import json
 import re
 from dataclasses import dataclass
@@ -34,6 +32,7 @@ from cachesvc.origins.base import (
     OriginUnavailable,
     OriginUnsupported,
 )
+from cachesvc.wire import parse_http_date
 
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: [^\r\n]*)?", re.ASCII)
 _HEADER_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+", re.ASCII)
@@ -132,17 +131,6 @@ class Validator:
             raise OriginConflict(f"{what}: Last-Modified is now {modified}")
         if self.size is not None and complete is not None and complete != self.size:
             raise OriginConflict(f"{what}: size is now {complete}, expected {self.size}")
-
-
-def parse_http_date(value: str) -> float | None:
-    """Seconds since the epoch of an HTTP-date, or None if it is not one."""
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=datetime.UTC)
-    return when.timestamp()
 
 
 def _is_strong_etag(etag: str) -> bool:

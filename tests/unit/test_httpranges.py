@@ -24,17 +24,16 @@ from cachesvc.api.httpranges import (
     evaluate_preconditions,
     format_content_range,
     format_etag,
-    format_http_date,
     if_range_allows,
     parse_content_range,
     parse_decimal,
     parse_entity_tags,
-    parse_http_date,
     parse_range,
     parse_update_range,
     unsatisfied_content_range,
 )
 from cachesvc.core.ranges import MAX_OFFSET, Range
+from cachesvc.wire import format_http_date, parse_http_date
 
 IGNORE = "ignore"
 UNSAT = "unsat"
