@@ -99,7 +99,7 @@ async def stats(request: web.Request) -> web.Response:
                 "committed_bytes": {k.value: memfile.committed_bytes(k) for k in MemoryKind},
                 "allocated_bytes": {k.value: memfile.allocated_bytes(k) for k in MemoryKind},
                 "mapped_bytes": counters.mapped_bytes,
-                "evictable_bytes": memfile.evictable_bytes,
+                "evictable_bytes": cache.evictable_bytes,
                 "dirty_bytes": counters.dirty_bytes,
                 "file_size_bytes": memfile.file_size,
                 "limit_bytes": config.cache_size,

@@ -76,7 +76,7 @@ class CacheCollector(Collector):
 
         yield gauge("memory_mapped_bytes", "Cache bytes held by mappings.", counters.mapped_bytes)
         yield gauge(
-            "memory_evictable_bytes", "Cache bytes that may be evicted.", memfile.evictable_bytes
+            "memory_evictable_bytes", "Cache bytes that may be evicted.", cache.evictable_bytes
         )
         yield gauge(
             "memory_dirty_bytes", "Cached bytes newer than the origin.", counters.dirty_bytes

@@ -17,9 +17,11 @@ class CacheCounters:
 
     hit_bytes: int = 0  # bytes served from pages already cached
     miss_bytes: int = 0  # bytes that had to be filled from the origin
+    bypass_bytes: int = 0  # origin bytes served without caching (no room in the budget)
+    room_refusals: int = 0  # reservations refused for lack of room (NoRoom)
     mapped_bytes: int = 0  # page-cache bytes held by at least one mapping
     dirty_bytes: int = 0  # cached bytes newer than the origin
-    evictions: int = 0  # eviction calls that dropped at least one page
+    evictions: int = 0  # extents evicted (that dropped at least one page)
     evicted_bytes: int = 0  # bytes dropped by eviction
     writeback_bytes: int = 0  # bytes written back to the origin
     writeback_errors: int = 0  # failed write-backs (the data stayed dirty)

@@ -1,19 +1,22 @@
-"""FileCache: the path -> CachingInode table, the memory budget and write-back.
+"""FileCache: the path -> CachingInode table and what all files share.
 
-The cache owns one MemoryFile shared by all inodes. It keeps inodes in
-recency order (least recently opened first) and, when the page cache grows
-past ``cache_size``, evicts unmapped pages of the least recently used files
-until usage is back under a low watermark: one global order across files
-rather than the reference design's per-file order. A write-back daemon
-writes dirty data older than ``dirty_expire``, and all dirty data once it
-exceeds ``max_dirty``.
+The cache owns one MemoryFile, the page-cache budget (every allocation
+reserves its bytes first, see :mod:`cachesvc.core.budget`), the eviction
+policy and its one driver (see :mod:`cachesvc.core.eviction`), the flusher
+that writes dirty data back (see :mod:`cachesvc.core.flusher`) and the
+operator's pins. It is the host of its inodes (``InodeHost``): they reach
+the origin, the memory file, the budget and the policy through it, and it
+finds an extent's owner for the driver by the inode's table slot.
 
 An inode is forgotten only when it has no cached pages, no dirty data, no
-mappings and no users, so two inodes never cache the same path.
+mappings and no users, so two inodes never cache the same path; an idle
+inode that keeps cached pages is settled (its locks and history dropped).
+Beyond ``max_inodes`` files, the least recently opened are evicted whole.
 
-Lock order: FileCache itself takes no locks; it calls inode methods that
-take the inode's locks (see inode.py) and never holds one across another
-inode's call.
+Lock order: FileCache takes no lock of its own (the budget takes its
+evict_mu); it calls inode methods that take the inode's locks (see
+inode_state.py), and takes an inode's locks itself only in ``replace`` and
+``remove``, never holding one across another inode's call.
 """
 
 from __future__ import annotations
@@ -27,16 +30,21 @@ from collections.abc import AsyncIterable, AsyncIterator, Coroutine
 from dataclasses import dataclass
 
 from cachesvc.core.accounting import CacheCounters
-from cachesvc.core.errors import CacheFull
+from cachesvc.core.budget import MemoryBudget, NoRoom
+from cachesvc.core.eviction import DEFAULT_POLICY, make_policy
+from cachesvc.core.eviction.driver import EvictionDriver, ExtentOwner
+from cachesvc.core.eviction.policy import EvictionPolicy
+from cachesvc.core.flusher import Flusher, WritebackFailure
 from cachesvc.core.inode import CachingInode
+from cachesvc.core.inode_state import InodeState
 from cachesvc.core.mapping import Mapping
 from cachesvc.core.memfile import MemoryFile, MemoryKind
-from cachesvc.origins.base import Origin, OriginError, OriginNotFound, OriginStat
+from cachesvc.core.pages import page_range
+from cachesvc.origins.base import Origin, OriginNotFound, OriginStat
 
 log = logging.getLogger("cachesvc.cache")
 
-# Eviction stops once page-cache usage is at or below this share of the budget.
-LOW_WATERMARK = 0.9
+__all__ = ["CacheOptions", "FileCache", "PinLimit", "WritebackFailure"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,62 +57,121 @@ class CacheOptions:
     readahead: int = 4 << 20
     writethrough: bool = False
     revalidate: float = 60.0
-    max_inodes: int = 100_000
+    max_inodes: int = 1_000_000
+    eviction_policy: str = DEFAULT_POLICY
+    max_pinned: int | None = None  # None: half of cache_size
+    # How long an allocation waits for room before a read goes pass-through
+    # and a write or pin gets 507.
+    room_wait: float = 1.0
 
 
-@dataclass(frozen=True, slots=True)
-class WritebackFailure:
-    """A file whose dirty data could not be written back. Immutable."""
-
-    path: str
-    ranges: list[tuple[int, int]]  # half-open dirty ranges left
-    error: str
+class PinLimit(NoRoom):
+    """A pin would take pinned bytes past ``--max-pinned``."""
 
 
 class FileCache:
     """Caches origin files in one MemoryFile."""
 
     def __init__(self, origin: Origin, memfile: MemoryFile, options: CacheOptions) -> None:
-        self.origin = origin  # Immutable.
-        self.memfile = memfile  # Immutable.
+        self._origin = origin  # Immutable.
+        self._memfile = memfile  # Immutable.
         self.options = options  # Immutable.
-        self.readahead = options.readahead  # Immutable.
-        self.counters = CacheCounters()
-        # path -> inode, least recently used first. Protected by the event loop.
+        self._counters = CacheCounters()
+        self._policy = make_policy(options.eviction_policy, options.cache_size)  # Immutable.
+        self.driver = EvictionDriver(self._policy, self._owner_of, self._counters)  # Immutable.
+        self._budget = MemoryBudget(
+            options.cache_size, memfile, self.driver, self._counters, room_wait=options.room_wait
+        )  # Immutable.
+        self.flusher = Flusher(
+            self._counters, max_dirty=options.max_dirty, dirty_expire=options.dirty_expire
+        )  # Immutable.
+        # The most bytes pins may hold. Immutable.
+        self.max_pinned = (
+            options.max_pinned if options.max_pinned is not None else options.cache_size // 2
+        )
+        # path -> inode, least recently opened first. Protected by the event loop.
         self._inodes: collections.OrderedDict[str, CachingInode] = collections.OrderedDict()
+        # Table slots (extent keys name an inode by its slot), and the free
+        # ones. Protected by the event loop.
+        self._slots: list[CachingInode | None] = []
+        self._free_slots: list[int] = []
         # Opens in progress (one origin stat per path). Protected by the event loop.
         self._opening: dict[str, asyncio.Future[CachingInode]] = {}
-        # When each inode was last revalidated (monotonic). Protected by the event loop.
-        self._validated: dict[str, float] = {}
-        # Operator pins: (path, start, end) -> mappings. Protected by the event loop.
+        # Operator pins: (path, start, end) -> mappings, and the bytes they
+        # hold. Protected by the event loop.
         self._pins: dict[tuple[str, int, int], list[Mapping]] = {}
-        self._evicting: asyncio.Task[None] | None = None
+        self._pinned_bytes = 0
         self._daemon: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[object]] = set()
 
     def __repr__(self) -> str:
-        return f"FileCache(files={len(self._inodes)}, {self.counters})"
+        return f"FileCache(files={len(self._inodes)}, {self._counters})"
+
+    # ------------------------------------------------------- the inodes' host
+
+    @property
+    def origin(self) -> Origin:
+        return self._origin
+
+    @property
+    def memfile(self) -> MemoryFile:
+        return self._memfile
+
+    @property
+    def counters(self) -> CacheCounters:
+        return self._counters
+
+    @property
+    def budget(self) -> MemoryBudget:
+        return self._budget
+
+    @property
+    def policy(self) -> EvictionPolicy:
+        return self._policy
+
+    @property
+    def readahead(self) -> int:
+        return self.options.readahead
+
+    async def reserve_dirty(self, length: int) -> None:
+        await self.flusher.reserve_dirty(length)
+
+    def note_dirty(self, inode: InodeState) -> None:
+        found = self._inodes.get(inode.path)
+        if found is inode:
+            self.flusher.note_dirty(found)
+
+    def spawn(self, coro: Coroutine[object, object, object]) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _owner_of(self, slot: int) -> ExtentOwner | None:
+        return self._slots[slot] if slot < len(self._slots) else None
 
     # -------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
-        """Starts the write-back daemon."""
+        """Starts the flusher's daemon."""
         if self._daemon is None:
-            self._daemon = asyncio.create_task(self._writeback_daemon(), name="writeback daemon")
+            self._daemon = asyncio.create_task(self.flusher.run(), name="writeback daemon")
 
     async def close(self) -> list[WritebackFailure]:
         """Stops background work, writes everything back; returns what failed."""
-        for task in (self._daemon, self._evicting):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        self._daemon = self._evicting = None
+        if self._daemon is not None:
+            self._daemon.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._daemon
+            self._daemon = None
         failures = await self.sync_all()
         for mappings in list(self._pins.values()):
             for mapping in mappings:
                 await mapping.release()
         self._pins.clear()
+        self._pinned_bytes = 0
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         return failures
 
     # ------------------------------------------------------------------ files
@@ -114,7 +181,7 @@ class FileCache:
         return self.options.writethrough
 
     def files(self) -> list[CachingInode]:
-        """Cached files, least recently used first."""
+        """Cached files, least recently opened first."""
         return list(self._inodes.values())
 
     def lookup(self, path: str) -> CachingInode | None:
@@ -127,7 +194,7 @@ class FileCache:
         inode = self._inodes.get(path)
         if inode is None:
             return None
-        if time.monotonic() - self._validated.get(path, 0.0) >= self.options.revalidate:
+        if time.monotonic() - inode.validated_at >= self.options.revalidate:
             return None
         self._inodes.move_to_end(path)
         return inode
@@ -171,14 +238,12 @@ class FileCache:
         self._opening[path] = future
         try:
             try:
-                stat = known or await self.origin.stat(path)
+                stat = known or await self._origin.stat(path)
             except OriginNotFound:
                 if not create:
                     raise
-                stat = await self.origin.create(path)
-            inode = CachingInode(self, path, stat)
-            self._inodes[path] = inode
-            self._validated[path] = time.monotonic()
+                stat = await self._origin.create(path)
+            inode = self._add(path, stat)
             future.set_result(inode)
         except BaseException as exc:
             if isinstance(exc, Exception):
@@ -192,13 +257,23 @@ class FileCache:
         self._limit_inodes()
         return inode
 
+    def _add(self, path: str, stat: OriginStat) -> CachingInode:
+        slot = self._free_slots.pop() if self._free_slots else len(self._slots)
+        inode = CachingInode(self, path, slot, stat)
+        if slot == len(self._slots):
+            self._slots.append(inode)
+        else:
+            self._slots[slot] = inode
+        self._inodes[path] = inode
+        return inode
+
     async def _maybe_revalidate(self, inode: CachingInode) -> None:
         now = time.monotonic()
-        if now - self._validated.get(inode.path, 0.0) < self.options.revalidate:
+        if now - inode.validated_at < self.options.revalidate:
             return
-        self._validated[inode.path] = now
+        inode.validated_at = now
         try:
-            stat = await self.origin.stat(inode.path)
+            stat = await self._origin.stat(inode.path)
         except OriginNotFound:
             if not inode.has_dirty:
                 await inode.drop_clean()
@@ -207,27 +282,33 @@ class FileCache:
             return
         await inode.revalidate(stat)
 
-    def forget_if_idle(self, inode: CachingInode) -> None:
-        """Forgets ``inode`` if nothing holds it any more."""
-        if inode.is_idle and self._inodes.get(inode.path) is inode:
+    def forget_if_idle(self, inode: InodeState) -> None:
+        """Forgets ``inode`` if nothing holds it any more; else drops what it
+        does not need while idle."""
+        if self._inodes.get(inode.path) is not inode:
+            return
+        if inode.is_idle:
             self._forget(inode)
+        else:
+            inode.settle()
 
-    def _forget(self, inode: CachingInode) -> None:
+    def _forget(self, inode: InodeState) -> None:
         if self._inodes.get(inode.path) is inode:
             del self._inodes[inode.path]
-            self._validated.pop(inode.path, None)
-            self.memfile.mark_all_unevictable(inode)
+            self._slots[inode.slot] = None
+            self._free_slots.append(inode.slot)
+            self.flusher.forget(inode)
 
     def _limit_inodes(self) -> None:
         excess = len(self._inodes) - self.options.max_inodes
         if excess > 0:
             victims = list(self._inodes.values())[:excess]
-            self._spawn(self._evict_inodes(victims))
+            self.spawn(self._evict_files(victims))
 
-    async def _evict_inodes(self, victims: list[CachingInode]) -> None:
+    async def _evict_files(self, victims: list[CachingInode]) -> None:
+        """Evicts every evictable extent of ``victims`` (the inode limit)."""
         for inode in victims:
-            for rng in self.memfile.evictable_ranges(inode):
-                await inode.evict(rng)
+            await self.driver.evict_extents(inode, inode.cached_extents())
 
     async def replace(self, path: str, chunks: AsyncIterable[bytes]) -> tuple[CachingInode, bool]:
         """Replaces ``path`` with the streamed bytes; returns (inode, created).
@@ -239,7 +320,7 @@ class FileCache:
         try:
             inode = await self._get(path, create=False)
         except OriginNotFound:
-            stat = await self.origin.replace(path, chunks)
+            stat = await self._origin.replace(path, chunks)
             # Not stat again: a DELETE may already have removed the new file,
             # and this PUT still succeeded.
             inode = await self._get(path, create=False, known=stat)
@@ -249,7 +330,7 @@ class FileCache:
                 created = stat is not None
                 if stat is None:
                     # Under the inode's locks: no write-back interleaves.
-                    stat = await self.origin.replace(path, chunks)
+                    stat = await self._origin.replace(path, chunks)
                 # For a new path, another request may have created the inode
                 # meanwhile: it adopts the upload too.
                 await inode.replaced(stat)
@@ -262,10 +343,10 @@ class FileCache:
         """Removes ``path`` at the origin and drops it (and its dirty data) here."""
         inode = self._inodes.get(path)
         if inode is None:
-            await self.origin.remove(path)
+            await self._origin.remove(path)
             return
         async with inode.writeback_mu, inode.attr_mu:
-            await self.origin.remove(path)
+            await self._origin.remove(path)
             async with inode.maps_mu, inode.data_mu.writing():
                 inode.discard_locked()
         self._forget(inode)
@@ -283,52 +364,9 @@ class FileCache:
         elif self.options.writethrough:
             await inode.writeback()
 
-    async def reserve_dirty(self, length: int) -> None:
-        """Makes room for ``length`` more dirty bytes, writing back if needed.
-
-        Raises CacheFull when write-back cannot bring dirty data under
-        ``max_dirty``. Preconditions: the caller holds no inode lock.
-        """
-        limit = self.options.max_dirty
-        if self.counters.dirty_bytes + length <= limit:
-            return
-        await self._writeback_oldest(limit - length)
-        if self.counters.dirty_bytes + length > limit:
-            raise CacheFull(
-                f"{self.counters.dirty_bytes} dirty bytes cannot be written back "
-                f"(limit {limit}); last error: {self._last_error()}"
-            )
-
-    def _last_error(self) -> str:
-        for inode in self._inodes.values():
-            if inode.last_error is not None:
-                return str(inode.last_error)
-        return "none"
-
-    async def _writeback_oldest(self, target: int) -> None:
-        """Writes back dirty files, oldest dirt first, until dirty <= target."""
-        dirty = sorted(
-            (i for i in self._inodes.values() if i.has_dirty),
-            key=lambda i: i.dirty_since if i.dirty_since is not None else 0.0,
-        )
-        for inode in dirty:
-            if self.counters.dirty_bytes <= target:
-                return
-            with contextlib.suppress(OriginError):
-                await inode.writeback()
-
     async def sync_all(self) -> list[WritebackFailure]:
         """Writes back and fsyncs every dirty file; returns the failures."""
-        failures: list[WritebackFailure] = []
-        for inode in list(self._inodes.values()):
-            if not inode.has_dirty:
-                continue
-            try:
-                await inode.fsync()
-            except OriginError as exc:
-                ranges = [(r.start, r.end) for r, _ in inode.dirty]
-                failures.append(WritebackFailure(inode.path, ranges, str(exc)))
-        return failures
+        return await self.flusher.sync_all()
 
     async def drop(self, path: str) -> int:
         """Writes ``path`` back, then drops its unmapped pages; returns bytes dropped."""
@@ -338,26 +376,33 @@ class FileCache:
         await inode.fsync()
         return await inode.drop_clean()
 
-    async def _writeback_daemon(self) -> None:
-        interval = max(0.05, min(5.0, self.options.dirty_expire / 2))
-        while True:
-            await asyncio.sleep(interval)
-            now = time.monotonic()
-            for inode in list(self._inodes.values()):
-                since = inode.dirty_since
-                expired = since is not None and now - since >= self.options.dirty_expire
-                if expired or (inode.has_dirty and since is None):
-                    with contextlib.suppress(OriginError):
-                        await inode.writeback()
-            if self.counters.dirty_bytes > self.options.max_dirty:
-                await self._writeback_oldest(self.options.max_dirty)
-
     # ------------------------------------------------------------------- pins
 
+    @property
+    def pinned_bytes(self) -> int:
+        """Bytes held by operator pins (whole pages)."""
+        return self._pinned_bytes
+
     async def pin(self, path: str, start: int, end: int) -> int:
-        """Pins ``[start, end)`` of ``path`` in the cache; returns bytes pinned."""
-        async with self.open(path) as inode:
-            mapping = await inode.map_range(start, end - start, pin=True)
+        """Pins ``[start, end)`` of ``path`` in the cache; returns bytes pinned.
+
+        Raises PinLimit at once, without touching the origin, if the pin
+        would take pinned bytes past ``max_pinned``; NoRoom if the budget
+        cannot make room for it in time.
+        """
+        want = page_range(start, end).length
+        if self._pinned_bytes + want > self.max_pinned:
+            raise PinLimit(
+                f"pinning {want} bytes would take pinned bytes to"
+                f" {self._pinned_bytes + want}, past --max-pinned {self.max_pinned}"
+            )
+        self._pinned_bytes += want
+        try:
+            async with self.open(path) as inode:
+                mapping = await inode.map_range(start, end - start, pin=True)
+        except BaseException:
+            self._pinned_bytes -= want
+            raise
         self._pins.setdefault((path, start, end), []).append(mapping)
         return mapping.length
 
@@ -369,6 +414,7 @@ class FileCache:
         mapping = mappings.pop()
         if not mappings:
             del self._pins[(path, start, end)]
+        self._pinned_bytes -= page_range(start, end).length
         await mapping.release()
         return True
 
@@ -376,41 +422,26 @@ class FileCache:
 
     @property
     def page_cache_bytes(self) -> int:
-        return self.memfile.allocated_bytes(MemoryKind.PAGE_CACHE)
+        return self._memfile.allocated_bytes(MemoryKind.PAGE_CACHE)
 
-    def note_allocation(self) -> None:
-        """Starts budget eviction if the page cache has outgrown ``cache_size``."""
-        if self.page_cache_bytes > self.options.cache_size and self._evicting is None:
-            self._evicting = asyncio.create_task(self._evict_to_budget(), name="budget eviction")
-
-    async def _evict_to_budget(self) -> None:
-        try:
-            target = int(self.options.cache_size * LOW_WATERMARK)
-            for inode in list(self._inodes.values()):
-                if self.page_cache_bytes <= target:
-                    return
-                for rng in self.memfile.evictable_ranges(inode):
-                    await inode.evict(rng)
-                    if self.page_cache_bytes <= target:
-                        return
-        finally:
-            self._evicting = None
+    @property
+    def evictable_bytes(self) -> int:
+        """Cached bytes eviction could take now, estimated: those the policy
+        tracks less mapped and dirty bytes."""
+        busy = self._counters.mapped_bytes + self._counters.dirty_bytes
+        return max(0, self._policy.tracked_bytes - busy)
 
     async def evict_all(self, *, wait: bool) -> int:
         """Evicts everything evictable; with ``wait``, returns once the memory
         has been released to the host. Returns page-cache bytes before minus after."""
         before = self.page_cache_bytes
-        self.memfile.start_evictions()
         if wait:
-            await self.memfile.wait_for_evictions()
-            await self.memfile.wait_reclaimed()
-            await self.memfile.update_usage()
+            await self.driver.evict_all()
+            await self._memfile.wait_reclaimed()
+            await self._memfile.update_usage()
+        else:
+            self.spawn(self.driver.evict_all())
         return before - self.page_cache_bytes
-
-    def _spawn(self, coro: Coroutine[object, object, object]) -> None:
-        task = asyncio.create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
 
     # ------------------------------------------------------------------ stats
 
@@ -420,5 +451,7 @@ class FileCache:
             "page_cache_bytes": self.page_cache_bytes,
             "cache_size": self.options.cache_size,
             "pins": sum(len(m) for m in self._pins.values()),
-            **self.counters.as_dict(),
+            "pinned_bytes": self._pinned_bytes,
+            "eviction_policy": self._policy.name,
+            **self._counters.as_dict(),
         }

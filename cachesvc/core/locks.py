@@ -1,18 +1,23 @@
-"""Asyncio lock primitives with an optional lock-order checker.
+"""Asyncio lock primitives with an optional lock-order and ownership checker.
 
-The caching inode takes three locks, always in this order (see inode.py)::
+The caching inode takes four locks, always in this order (see inode.py)::
 
     Lock order:
-        CachingInode.attr_mu   (OrderedLock, rank 1)
-          CachingInode.maps_mu (OrderedLock, rank 2)
-            CachingInode.data_mu (RWLock, rank 3)
+        CachingInode.writeback_mu (OrderedLock, rank 0)
+          CachingInode.attr_mu    (OrderedLock, rank 1)
+            CachingInode.maps_mu  (OrderedLock, rank 2)
+              CachingInode.data_mu (RWLock, rank 3)
 
 Each lock has a rank and an owner (the object whose invariants it protects).
 With checking enabled (tests enable it for the whole suite), a task that
 acquires a lock while holding a lock of the same owner with an equal or
-higher rank gets :class:`LockOrderError` instead of a possible deadlock.
-Held locks are tracked per task, not per context, so child tasks do not
-inherit their parent's locks.
+higher rank gets :class:`LockOrderError` instead of a possible deadlock,
+and every lock knows which tasks hold it (as trio's locks record their
+``_owner``), so a ``_locked`` method can assert its preconditions
+(:meth:`OrderedLock.assert_held`, :meth:`RWLock.assert_held`,
+:meth:`RWLock.assert_no_writer`) instead of only stating them. Held locks
+are tracked per task, not per context, so child tasks do not inherit their
+parent's locks. With checking off, the assertions cost one global read.
 
 The reader-writer lock prefers writers: once a writer waits, new readers
 queue behind it, so a stream of reads cannot starve truncate or eviction.
@@ -35,8 +40,9 @@ class LockOrderError(RuntimeError):
 
 
 _checking: bool = os.environ.get("CACHESVC_LOCK_CHECK", "") == "1"
-# Locks held by each task, in acquisition order: (owner id, rank, name).
-_held: weakref.WeakKeyDictionary[asyncio.Task[object], list[tuple[int, int, str]]] = (
+# Locks held by each task, in acquisition order: (owner id, rank, name, mode),
+# mode "x" (exclusive), "w" (RWLock for writing) or "r" (for reading).
+_held: weakref.WeakKeyDictionary[asyncio.Task[object], list[tuple[int, int, str, str]]] = (
     weakref.WeakKeyDictionary()
 )
 
@@ -52,15 +58,15 @@ def lock_order_checking() -> bool:
     return _checking
 
 
-def _note_acquire(owner: int, rank: int, name: str) -> None:
+def _note_acquire(owner: int, rank: int, name: str, mode: str) -> None:
     task = asyncio.current_task()
     if task is None:
         return
     held = _held.setdefault(task, [])
-    for held_owner, held_rank, held_name in held:
+    for held_owner, held_rank, held_name, _ in held:
         if held_owner == owner and held_rank >= rank:
             raise LockOrderError(f"acquiring {name} while holding {held_name}")
-    held.append((owner, rank, name))
+    held.append((owner, rank, name, mode))
 
 
 def _note_release(owner: int, rank: int) -> None:
@@ -76,28 +82,53 @@ def _note_release(owner: int, rank: int) -> None:
             return
 
 
+def _held_mode(owner: int, rank: int) -> str | None:
+    """How the current task holds the lock of ``owner`` and ``rank``, if it does."""
+    task = asyncio.current_task()
+    held = _held.get(task) if task is not None else None
+    for held_owner, held_rank, _, mode in held or ():
+        if held_owner == owner and held_rank == rank:
+            return mode
+    return None
+
+
 class OrderedLock:
     """An asyncio.Lock with a rank for the lock-order checker."""
+
+    __slots__ = ("_lock", "_owner", "_rank", "_waiting", "name")
 
     def __init__(self, name: str, rank: int, owner: object) -> None:
         self._lock = asyncio.Lock()
         self.name: Final = name  # Immutable.
         self._rank: Final = rank  # Immutable.
         self._owner: Final = id(owner)  # Immutable.
+        self._waiting = 0  # tasks in acquire(). Protected by the event loop.
 
     def locked(self) -> bool:
         """Reports whether some task holds the lock."""
         return self._lock.locked()
 
+    def contended(self) -> bool:
+        """Reports whether some task holds the lock or waits for it."""
+        return self._lock.locked() or self._waiting > 0
+
+    def assert_held(self) -> None:
+        """With checking on, asserts that the current task holds the lock."""
+        if _checking and _held_mode(self._owner, self._rank) is None:
+            raise AssertionError(f"{self.name} is not held by this task")
+
     async def acquire(self) -> None:
         if _checking:
-            _note_acquire(self._owner, self._rank, self.name)
+            _note_acquire(self._owner, self._rank, self.name, "x")
+        self._waiting += 1
         try:
             await self._lock.acquire()
         except BaseException:
             if _checking:
                 _note_release(self._owner, self._rank)
             raise
+        finally:
+            self._waiting -= 1
 
     def release(self) -> None:
         self._lock.release()
@@ -119,6 +150,16 @@ class RWLock:
 
     Readers share the lock; a writer holds it alone.
     """
+
+    __slots__ = (
+        "_owner",
+        "_rank",
+        "_read_waiters",
+        "_readers",
+        "_write_waiters",
+        "_writer",
+        "name",
+    )
 
     def __init__(self, name: str, rank: int, owner: object) -> None:
         self.name: Final = name  # Immutable.
@@ -146,9 +187,29 @@ class RWLock:
         """True while the lock is held for reading or writing."""
         return self._writer or self._readers > 0
 
+    def contended(self) -> bool:
+        """Reports whether some task holds the lock or waits for it."""
+        return self.held or bool(self._read_waiters) or bool(self._write_waiters)
+
+    def assert_held(self, *, write: bool = False) -> None:
+        """With checking on, asserts that the current task holds the lock (for
+        writing, if ``write``)."""
+        if not _checking:
+            return
+        mode = _held_mode(self._owner, self._rank)
+        if mode is None or (write and mode != "w"):
+            how = "for writing" if write else "at all"
+            raise AssertionError(f"{self.name} is not held {how} by this task")
+
+    def assert_no_writer(self) -> None:
+        """With checking on, asserts what a reader that does not take the lock
+        relies on: the current task holds it, or no writer does."""
+        if _checking and self._writer and _held_mode(self._owner, self._rank) is None:
+            raise AssertionError(f"{self.name} is held for writing by another task")
+
     async def acquire_read(self) -> None:
         if _checking:
-            _note_acquire(self._owner, self._rank, self.name)
+            _note_acquire(self._owner, self._rank, self.name, "r")
         if not self._writer and not self._write_waiters:
             self._readers += 1
             return
@@ -177,7 +238,7 @@ class RWLock:
 
     async def acquire_write(self) -> None:
         if _checking:
-            _note_acquire(self._owner, self._rank, self.name)
+            _note_acquire(self._owner, self._rank, self.name, "w")
         if not self._writer and self._readers == 0 and not self._write_waiters:
             self._writer = True
             return

@@ -15,12 +15,10 @@ from typing import TYPE_CHECKING, Protocol
 
 from cachesvc.core.pages import copy_from_views
 from cachesvc.core.ranges import Range
+from cachesvc.core.sets import MemoryPieces
 
 if TYPE_CHECKING:
     from cachesvc.core.memfile import MemoryFile
-
-MemoryPieces = list[tuple[int, Range]]
-"""``(file offset, memory range)`` pieces, in file order."""
 
 # Releases under way, referenced until done (the event loop keeps only weak
 # references to tasks). Protected by the event loop.

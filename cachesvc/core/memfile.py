@@ -8,19 +8,18 @@ host nothing. The file is mapped into the process in CHUNK_SIZE pieces,
 created lazily in a worker thread when an allocation first covers them, never
 remapped, and unmapped only by ``close``.
 
-``usage`` maps each allocated page to ``UsageInfo(kind, known_committed,
-refs)``; pages without a segment are free and uncommitted. ``allocate`` takes
-the first fit at or after ``min_unallocated``, a lower bound on the first free
-page. When ``dec_ref`` drops a page's references to zero the page is
-reclassified as SYSTEM memory and becomes *reclaimable*: it stays in
-``usage`` (so it cannot be allocated again) until the reclaimer task has
-punched a hole over it, which gives the memory back to the host and makes
-the page read as zeros; only then is the page removed from ``usage`` and
-``min_unallocated`` lowered.
+Which pages are allocated, referenced, committed or reclaimable is kept by
+a :class:`~cachesvc.core.pageusage.PageUsage` (the ``usage`` set and its
+counts). ``allocate`` takes the first fit at or after a lower bound on the
+first free page. When ``dec_ref`` drops a page's references to zero the page
+becomes *reclaimable*: it stays in ``usage`` (so it cannot be allocated
+again) until the reclaimer task has punched a hole over it, which gives the
+memory back to the host and makes the page read as zeros; only then is it
+free again.
 
-Users register *evictable* ranges in their own offset space;
-``start_evictions`` asks each user to evict them (see
-:mod:`cachesvc.core.evictable`).
+What is evicted, and when, is decided above the allocator: the page cache
+reserves its bytes against a budget and evicts through one driver (see
+:mod:`cachesvc.core.budget` and :mod:`cachesvc.core.eviction`).
 
 Committed memory is measured on the host, never guessed: ``update_usage``
 reads the file's allocated blocks with fstat and, unless that total already
@@ -51,17 +50,14 @@ to unmap once its last view is gone.
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import math
 import os
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple, ParamSpec, TypeVar
+from typing import ParamSpec, TypeVar
 
-from cachesvc.core.evictable import EvictableUser as EvictableUser
-from cachesvc.core.evictable import Evictions
 from cachesvc.core.hostmem import (
     CHUNK_SHIFT,
     ChunkMappings,
@@ -77,11 +73,15 @@ from cachesvc.core.hostmem import CHUNK_SIZE as CHUNK_SIZE
 from cachesvc.core.hostmem import HUGE_PAGE_SIZE as HUGE_PAGE_SIZE
 from cachesvc.core.hostmem import PAGE_SIZE as PAGE_SIZE
 from cachesvc.core.locks import OrderedLock
-from cachesvc.core.ranges import Range, RangeSet, marker_set
+from cachesvc.core.pageusage import MemoryFileError as MemoryFileError
+from cachesvc.core.pageusage import MemoryFileFull as MemoryFileFull
+from cachesvc.core.pageusage import MemoryKind as MemoryKind
+from cachesvc.core.pageusage import PageUsage, UsageInfo
+from cachesvc.core.ranges import Range
 
-# The "X as X" imports above are re-exports: EvictableUser and the page
-# geometry (PAGE_SIZE, HUGE_PAGE_SIZE, CHUNK_SIZE) are part of MemoryFile's
-# interface.
+# The "X as X" imports above are re-exports: the page geometry (PAGE_SIZE,
+# HUGE_PAGE_SIZE, CHUNK_SIZE), MemoryKind and the errors are part of
+# MemoryFile's interface.
 
 logger = logging.getLogger("cachesvc.memfile")
 
@@ -99,41 +99,6 @@ _WORKER_THREADS = 4
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
-
-
-class MemoryKind(enum.Enum):
-    """What allocated memory is used for, for accounting."""
-
-    PAGE_CACHE = "page_cache"
-    SYSTEM = "system"
-
-
-class MemoryFileError(Exception):
-    """An invalid call: bad length or range, pages not allocated, file closed."""
-
-
-class MemoryFileFull(MemoryFileError):
-    """The backing file cannot grow to hold the allocation (max_size)."""
-
-
-class UsageInfo(NamedTuple):
-    """State of a run of pages in ``usage``."""
-
-    kind: MemoryKind  # SYSTEM while refs == 0 (freed, awaiting reclaim)
-    known_committed: bool  # definitely committed (False: may or may not be)
-    refs: int  # holders; 0: reclaimable
-
-
-class _UsagePolicy:
-    """usage segments merge iff their values are equal; splits copy the value."""
-
-    def merge(
-        self, left: Range, left_value: UsageInfo, right: Range, right_value: UsageInfo
-    ) -> UsageInfo | None:
-        return left_value if left_value == right_value else None
-
-    def split(self, rng: Range, value: UsageInfo, at: int) -> tuple[UsageInfo, UsageInfo]:
-        return value, value
 
 
 # ---------------------------------------------------------------- MemoryFile
@@ -171,22 +136,12 @@ class MemoryFile:
         # requires map_mu.
         self._chunks = ChunkMappings()
 
-        # Allocated and reclaimable pages. Kept maximally merged. Protected by
-        # the event loop.
-        self._usage: RangeSet[UsageInfo] = RangeSet(_UsagePolicy())
-        # The union of the usage segments with refs == 0. Protected by the event loop.
-        self._reclaimable: RangeSet[None] = marker_set()
-        # No page below this is free. Protected by the event loop.
-        self._min_unallocated = 0
+        # Allocated, referenced, committed and reclaimable pages, with their
+        # counts. Protected by the event loop.
+        self._usage = PageUsage()
         # Size the file has (or is about to have); a power-of-two multiple of
         # CHUNK_SIZE or the limit. Protected by the event loop.
         self._file_size = CHUNK_SIZE
-        # Bytes with refs > 0, by kind. Protected by the event loop.
-        self._allocated = dict.fromkeys(MemoryKind, 0)
-        # Bytes of known-committed segments, by kind, and their sum (the
-        # reference's usageExpected). Protected by the event loop.
-        self._committed = dict.fromkeys(MemoryKind, 0)
-        self._known_committed = 0
         # Committed bytes the file reports beyond the known ones (the
         # reference's usageSwapped), counted as SYSTEM. Protected by the event loop.
         self._unexplained = 0
@@ -198,9 +153,6 @@ class MemoryFile:
         # by the event loop.
         self._decommit_gen = 0
         self._reclaimed_total = 0  # Protected by the event loop.
-
-        # Evictable ranges by user and the eviction tasks. Protected by the event loop.
-        self._evictions = Evictions()
 
         # Wakes the reclaimer; set when pages become reclaimable or on close.
         self._reclaim_wake = asyncio.Event()
@@ -226,13 +178,17 @@ class MemoryFile:
 
     def allocated_bytes(self, kind: MemoryKind) -> int:
         """Bytes of ``kind`` with at least one reference."""
-        return self._allocated[kind]
+        return self._usage.allocated[kind]
+
+    def peak_allocated_bytes(self, kind: MemoryKind) -> int:
+        """The most bytes of ``kind`` ever allocated at once."""
+        return self._usage.peak_allocated[kind]
 
     def committed_bytes(self, kind: MemoryKind) -> int:
         """Committed bytes of ``kind`` as of the last ``update_usage``; bytes
         the host reports beyond the known segments count as SYSTEM."""
         extra = self._unexplained if kind is MemoryKind.SYSTEM else 0
-        return self._committed[kind] + extra
+        return self._usage.committed[kind] + extra
 
     @property
     def total_committed_bytes(self) -> int:
@@ -242,21 +198,16 @@ class MemoryFile:
     @property
     def reclaimable_bytes(self) -> int:
         """Freed bytes the reclaimer has not returned to the host yet."""
-        return self._reclaimable.total_length
+        return self._usage.reclaimable_bytes
 
     @property
     def reclaimed_bytes_total(self) -> int:
         """Bytes whose holes the reclaimer has punched since creation."""
         return self._reclaimed_total
 
-    @property
-    def evictable_bytes(self) -> int:
-        """Total length of all users' evictable ranges."""
-        return self._evictions.evictable_bytes
-
     def usage_segments(self) -> list[tuple[Range, UsageInfo]]:
         """A copy of ``usage``, for tests and diagnostics."""
-        return list(self._usage)
+        return self._usage.segments()
 
     # ---------------------------------------------------------- allocation
 
@@ -277,7 +228,7 @@ class MemoryFile:
                 rng = self._allocate_now(length, kind)
                 break
             except MemoryFileFull:
-                if not self._reclaimable:
+                if not self._usage.reclaimable_bytes:
                     raise
             await self.wait_reclaimed()
         try:
@@ -289,22 +240,11 @@ class MemoryFile:
 
     def _allocate_now(self, length: int, kind: MemoryKind) -> Range:
         alignment = HUGE_PAGE_SIZE if length >= HUGE_PAGE_SIZE else PAGE_SIZE
-        hint = self._min_unallocated
-        start = self._usage.first_gap_from(hint, length, alignment).start
-        end = start + length
-        if end > self._limit:
-            raise MemoryFileFull(f"allocate: {length} bytes do not fit below {self._limit}")
+        rng = self._usage.take(length, kind, alignment, self._limit)
         size = self._file_size
-        while size < end:
+        while size < rng.end:
             size *= 2
         self._file_size = min(size, self._limit)
-        # The first free page; start itself when the range begins at the hint.
-        first_free = start if start == hint else self._usage.first_gap_from(hint, PAGE_SIZE).start
-        rng = Range(start, end)
-        self._usage.insert(rng, UsageInfo(kind, False, 1))
-        self._allocated[kind] += length
-        # If the range took the first free page, the next one is beyond it.
-        self._min_unallocated = first_free if first_free < start else end
         return rng
 
     async def _ensure_mapped(self, rng: Range) -> None:
@@ -332,6 +272,7 @@ class MemoryFile:
         reader: Callable[[list[memoryview]], Awaitable[int]],
         *,
         prefault: bool = True,
+        allocated: Callable[[], None] | None = None,
     ) -> tuple[Range, int]:
         """Allocates ``length`` bytes and fills them with ``await reader(views)``.
 
@@ -341,10 +282,14 @@ class MemoryFile:
         the memory is freed and the error propagates. ``reader`` must not
         write into the views once it has returned or raised. ``prefault``:
         fault large allocations in from a worker thread meanwhile.
+        ``allocated``: called once the memory is allocated, before ``reader``
+        (a budget reservation becomes an allocation).
         """
         # Follows MemoryFile.AllocateAndFill in the reference design; the
         # partial last page is kept (it reads as zeros past n).
         rng = await self.allocate(length, kind)
+        if allocated is not None:
+            allocated()
         populating: asyncio.Future[bool] | None = None
         if prefault and self._populate and length >= POPULATE_MIN:
             # The reader (an origin fill on the event loop) would otherwise
@@ -378,8 +323,7 @@ class MemoryFile:
 
     def inc_ref(self, rng: Range) -> None:
         """Adds a reference to every page of ``rng``, which must be allocated."""
-        self._check_held(rng, "inc_ref")
-        self._usage.update(rng, _add_ref)
+        self._usage.inc_ref(rng)
 
     def dec_ref(self, rng: Range) -> None:
         """Drops a reference from every page of ``rng``, which must be allocated.
@@ -388,43 +332,9 @@ class MemoryFile:
         punches holes over them and then returns them to the allocator.
         Validates the whole range before changing anything.
         """
-        # Follows MemoryFile.DecRef in the reference design.
-        self._check_held(rng, "dec_ref")
-        freed: list[Range] = []
-
-        def drop(seg: Range, info: UsageInfo) -> UsageInfo:
-            if info.refs > 1:
-                return UsageInfo(info.kind, info.known_committed, info.refs - 1)
-            self._allocated[info.kind] -= seg.length
-            if info.known_committed:
-                # Reclassify as SYSTEM until reclaimed, as the reference does.
-                self._committed[info.kind] -= seg.length
-                self._committed[MemoryKind.SYSTEM] += seg.length
-            freed.append(seg)
-            return UsageInfo(MemoryKind.SYSTEM, info.known_committed, 0)
-
-        self._usage.update(rng, drop)
-        if freed:
-            for seg in freed:
-                self._reclaimable.insert(seg, None)
+        if self._usage.dec_ref(rng):
             self._reclaim_idle.clear()
             self._reclaim_wake.set()
-
-    def _check_held(self, rng: Range, op: str) -> None:
-        """Raises MemoryFileError unless ``rng`` is page-aligned, non-empty and
-        every page of it has at least one reference."""
-        start, end = rng
-        if not 0 <= start < end or (start | end) & _PAGE_MASK:
-            raise MemoryFileError(f"{op}: invalid range {rng}")
-        pos = start  # [start, pos) is held
-        for seg, info in self._usage.segments(rng):
-            if seg.start > pos:
-                break
-            if info.refs == 0:
-                raise MemoryFileError(f"{op}({rng}): pages {seg.intersect(rng)} are freed")
-            pos = seg.end
-        if pos < end:
-            raise MemoryFileError(f"{op}({rng}): pages from {pos} on are not allocated")
 
     # ------------------------------------------------------------- mapping
 
@@ -450,7 +360,7 @@ class MemoryFile:
         """Punches a hole over allocated ``rng``: the host frees its memory and
         the pages read as zeros until written again."""
         # Follows MemoryFile.Decommit in the reference design.
-        self._check_held(rng, "decommit")
+        self._usage.check_held(rng, "decommit")
         self._check_open("decommit")
         # Shielded so that the pages are marked decommitted once punched even
         # if the caller is cancelled meanwhile.
@@ -466,15 +376,7 @@ class MemoryFile:
     def _mark_decommitted(self, rng: Range) -> None:
         """Clears known_committed over whatever is in ``rng`` now."""
         self._decommit_gen += 1
-
-        def clear(seg: Range, info: UsageInfo) -> UsageInfo:
-            if not info.known_committed:
-                return info
-            self._committed[info.kind] -= seg.length
-            self._known_committed -= seg.length
-            return UsageInfo(info.kind, False, info.refs)
-
-        self._usage.update(rng, clear)
+        self._usage.mark_decommitted(rng)
 
     async def wait_reclaimed(self) -> None:
         """Waits until the reclaimer has returned every freed page to the
@@ -492,13 +394,12 @@ class MemoryFile:
         # from the start of the file keeps first-fit allocation short.
         try:
             while not self._closed:
-                first = next(iter(self._reclaimable), None)
-                if first is None:
+                rng = self._usage.first_reclaimable()
+                if rng is None:
                     self._reclaim_idle.set()
                     self._reclaim_wake.clear()
                     await self._reclaim_wake.wait()
                     continue
-                rng = first[0]
                 # rng stays in usage with refs == 0 while the hole is punched:
                 # no call can allocate, reference or decommit it meanwhile.
                 try:
@@ -511,22 +412,11 @@ class MemoryFile:
                     await self._run(zero, self._chunks.address_pieces(rng))
                     punched = False
                 self._mark_decommitted(rng)
-                self._mark_reclaimed(rng)
+                self._usage.mark_reclaimed(rng)
                 if punched:
                     self._reclaimed_total += rng.length
         finally:
             self._reclaim_idle.set()
-
-    def _mark_reclaimed(self, rng: Range) -> None:
-        # Follows MemoryFile.markReclaimed in the reference design.
-        if self._usage.gaps(rng):
-            raise RuntimeError(f"reclaimed {rng} includes unallocated pages:\n{self._usage!r}")
-        for seg, info in self._usage.segments(rng):
-            if info != UsageInfo(MemoryKind.SYSTEM, False, 0):
-                raise RuntimeError(f"reclaimed {rng} has segment {seg} in state {info}")
-        self._usage.remove(rng)
-        self._reclaimable.remove(rng)
-        self._min_unallocated = min(self._min_unallocated, rng.start)
 
     # ----------------------------------------------------------- accounting
 
@@ -545,15 +435,15 @@ class MemoryFile:
             gen = self._decommit_gen
             total = await self._run(allocated_bytes, self._fd)
             self._total_committed = total
-            if total == self._known_committed + self._unexplained and (
+            known = self._usage.known_committed
+            if total == known + self._unexplained and (
                 self._unexplained == 0 or time.monotonic() < self._last_scan + _RESCAN_INTERVAL
             ):
                 return
             self._last_scan = time.monotonic()
             pieces = [
                 piece
-                for seg, info in self._usage
-                if info.refs and not info.known_committed
+                for seg in self._usage.uncommitted()
                 for piece in self._chunks.address_pieces(seg)
             ]
             runs = await self._run(resident_runs, pieces) if pieces else []
@@ -561,57 +451,16 @@ class MemoryFile:
                 # No hole was punched during the scan, so every page it found
                 # resident is still committed.
                 for run in runs:
-                    self._usage.update(run, self._mark_committed)
-                self._unexplained = max(0, total - self._known_committed)
+                    self._usage.mark_committed(run)
+                self._unexplained = max(0, total - self._usage.known_committed)
                 return
         # Holes kept being punched; the next call tries again.
-        self._unexplained = max(0, self._total_committed - self._known_committed)
-
-    def _mark_committed(self, seg: Range, info: UsageInfo) -> UsageInfo:
-        if info.known_committed or info.refs == 0:
-            # Freed pages are about to be reclaimed; like unallocated pages,
-            # they are assumed uncommitted.
-            return info
-        self._committed[info.kind] += seg.length
-        self._known_committed += seg.length
-        return UsageInfo(info.kind, True, info.refs)
-
-    # ------------------------------------------------------------- eviction
-
-    def mark_evictable(self, user: EvictableUser, rng: Range) -> None:
-        """Allows ``user.evict`` to be called on ``rng`` (no effect where it
-        already is evictable)."""
-        # Follows MemoryFile.MarkEvictable in the reference design.
-        if rng.start > rng.end:
-            raise MemoryFileError(f"mark_evictable: invalid range {rng}")
-        self._evictions.mark_evictable(user, rng)
-
-    def mark_unevictable(self, user: EvictableUser, rng: Range) -> None:
-        """Stops ``user.evict`` from being called on ``rng`` from now on (a call
-        already under way may still cover it)."""
-        self._evictions.mark_unevictable(user, rng)
-
-    def mark_all_unevictable(self, user: EvictableUser) -> None:
-        """``mark_unevictable`` over all of ``user``'s offsets."""
-        self._evictions.mark_all_unevictable(user)
-
-    def evictable_ranges(self, user: EvictableUser) -> list[Range]:
-        """``user``'s evictable ranges, ascending."""
-        return self._evictions.ranges(user)
-
-    def start_evictions(self) -> None:
-        """Starts evicting everything evictable: one task per user, unless one
-        is already running for it. Does not wait (see wait_for_evictions)."""
-        self._evictions.start()
-
-    async def wait_for_evictions(self) -> None:
-        """Waits until no eviction task is running."""
-        await self._evictions.wait()
+        self._unexplained = max(0, self._total_committed - self._usage.known_committed)
 
     # ------------------------------------------------------------ lifecycle
 
     async def close(self) -> None:
-        """Stops evictions and the reclaimer, unmaps the chunks and closes the file.
+        """Stops the reclaimer, unmaps the chunks and closes the file.
 
         Callers must have released the views ``map_internal`` gave them; a
         chunk with views still exported is left for the garbage collector to
@@ -620,7 +469,6 @@ class MemoryFile:
         if self._closed:
             return
         self._closed = True
-        await self._evictions.close()
         self._reclaim_wake.set()
         if self._reclaimer is not None:
             (outcome,) = await asyncio.gather(self._reclaimer, return_exceptions=True)
@@ -661,59 +509,23 @@ class MemoryFile:
             "file_size": self._file_size,
             "usage_segments": len(self._usage),
             "mapped_chunks": self._chunks.mapped_count,
-            "allocated_page_cache_bytes": self._allocated[MemoryKind.PAGE_CACHE],
-            "allocated_system_bytes": self._allocated[MemoryKind.SYSTEM],
+            "allocated_page_cache_bytes": self._usage.allocated[MemoryKind.PAGE_CACHE],
+            "allocated_system_bytes": self._usage.allocated[MemoryKind.SYSTEM],
             "reclaimable_bytes": self.reclaimable_bytes,
             "reclaimed_bytes_total": self._reclaimed_total,
             "committed_page_cache_bytes": self.committed_bytes(MemoryKind.PAGE_CACHE),
             "committed_system_bytes": self.committed_bytes(MemoryKind.SYSTEM),
             "total_committed_bytes": self._total_committed,
-            "evictable_bytes": self._evictions.evictable_bytes,
-            "evictable_users": self._evictions.user_count,
-            "eviction_tasks": self._evictions.task_count,
         }
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"fd={self._fd}"
-        allocated = ", ".join(f"{k.value}={v}" for k, v in self._allocated.items())
-        return (
-            f"<MemoryFile {state} size={self._file_size} allocated({allocated})"
-            f" reclaimable={self.reclaimable_bytes} evictable={self.evictable_bytes}"
-            f" segments={len(self._usage)} min_unallocated={self._min_unallocated:#x}>"
-        )
+        return f"<MemoryFile {state} size={self._file_size} {self._usage!r}>"
 
     def check_invariants(self) -> None:
         """Asserts every invariant of the allocator state (for tests)."""
-        self._usage.check_invariants(require_merged=True)
-        self._reclaimable.check_invariants(require_merged=True)
         size = self._file_size
         assert size % CHUNK_SIZE == 0, f"file size {size} is not a whole number of chunks"
         chunks = size >> CHUNK_SHIFT
         assert size == self._limit or chunks & (chunks - 1) == 0, f"file size {size}"
-        allocated = dict.fromkeys(MemoryKind, 0)
-        committed = dict.fromkeys(MemoryKind, 0)
-        freed: RangeSet[None] = marker_set()
-        for seg, info in self._usage:
-            assert not (seg.start | seg.end) & _PAGE_MASK, f"unaligned segment {seg}"
-            assert seg.end <= size, f"segment {seg} beyond the file size {size}"
-            assert info.refs >= 0, f"segment {seg}: {info}"
-            if info.refs:
-                allocated[info.kind] += seg.length
-            else:
-                assert info.kind is MemoryKind.SYSTEM, f"freed segment {seg}: {info}"
-                freed.insert(seg, None)
-            if info.known_committed:
-                committed[info.kind] += seg.length
-        assert allocated == self._allocated, f"allocated {self._allocated}, usage says {allocated}"
-        assert committed == self._committed, f"committed {self._committed}, usage says {committed}"
-        assert self._known_committed == sum(committed.values())
-        assert list(freed) == list(self._reclaimable), "reclaimable set differs from usage"
-        first_free = self._usage.first_gap_from(0, PAGE_SIZE).start
-        assert first_free >= self._min_unallocated, (
-            f"page {first_free:#x} is free below min_unallocated {self._min_unallocated:#x}"
-        )
-        self._evictions.check_invariants()
-
-
-def _add_ref(seg: Range, info: UsageInfo) -> UsageInfo:
-    return UsageInfo(info.kind, info.known_committed, info.refs + 1)
+        self._usage.check_invariants(size)

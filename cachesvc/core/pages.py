@@ -1,13 +1,24 @@
-"""Page arithmetic and copying between byte buffers and memory-file views."""
+"""Page and extent arithmetic, and copying between buffers and memory-file views.
+
+A *page* (PAGE_SIZE, 4 KiB) is the unit of caching: cached ranges start and
+end on page boundaries. An *extent* (EXTENT_SIZE, 64 KiB, the reference
+design's smallest fill, maxFillRange) is the unit of fills and of eviction:
+a miss fills whole extents (clipped to the file's last page), and the
+eviction policy tracks, ranks and evicts each file's extents. Extent ``i``
+of a file covers file offsets ``[i * EXTENT_SIZE, (i + 1) * EXTENT_SIZE)``.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from cachesvc.core.memfile import PAGE_SIZE
+from cachesvc.core.hostmem import PAGE_SIZE
 from cachesvc.core.ranges import Range
 
 _PAGE_MASK = PAGE_SIZE - 1
+EXTENT_SHIFT = 16
+EXTENT_SIZE = 1 << EXTENT_SHIFT
+_EXTENT_MASK = EXTENT_SIZE - 1
 
 
 def page_down(offset: int) -> int:
@@ -23,6 +34,29 @@ def page_up(offset: int) -> int:
 def page_range(start: int, end: int) -> Range:
     """The smallest page-aligned range containing ``[start, end)``."""
     return Range(page_down(start), page_up(end))
+
+
+def extent_down(offset: int) -> int:
+    """The start of the extent containing ``offset``."""
+    return offset & ~_EXTENT_MASK
+
+
+def extent_up(offset: int) -> int:
+    """``offset`` rounded up to an extent boundary."""
+    return (offset + _EXTENT_MASK) & ~_EXTENT_MASK
+
+
+def extent_range(index: int) -> Range:
+    """The file range of extent ``index``."""
+    start = index << EXTENT_SHIFT
+    return Range(start, start + EXTENT_SIZE)
+
+
+def extent_indexes(rng: Range) -> range:
+    """The indexes of the extents ``rng`` overlaps (none for an empty range)."""
+    if rng.end <= rng.start:
+        return range(0)
+    return range(rng.start >> EXTENT_SHIFT, ((rng.end - 1) >> EXTENT_SHIFT) + 1)
 
 
 def slice_views(views: Sequence[memoryview], skip: int, length: int) -> list[memoryview]:

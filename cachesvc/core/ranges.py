@@ -9,7 +9,7 @@ offsets no segment covers form the *gaps*, bounded by 0 and MAX_OFFSET.
 A ``RangePolicy`` gives the value semantics: ``merge`` decides whether two
 adjacent segments become one (and with what value), ``split`` gives the
 values of the two halves when a segment is cut. Operations that change
-values (``update``, ``apply_contiguous``) first cut the segments straddling
+values (``update``) first cut the segments straddling
 the edges of their range (``isolate``), then merge what became mergeable
 around it (``merge_adjacent``), so a set whose every operation goes through
 them stays fully merged. ``insert`` merges the new segment with both
@@ -34,8 +34,8 @@ verifies those reads against the public iteration.
 
 A RangeSet has no lock of its own: its owner serializes access (the event
 loop, or the owner's lock). Every field is protected by the owner's
-serialization. Callbacks (policy methods, ``fn`` of ``update`` and
-``apply_contiguous``) must not modify the set they are called from.
+serialization. Callbacks (policy methods, ``fn`` of ``update``) must not modify the set
+they are called from.
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ from __future__ import annotations
 import enum
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from itertools import islice
 from typing import Final, Generic, NamedTuple, Protocol, TypeVar
 
@@ -51,16 +50,13 @@ from sortedcontainers import SortedDict
 
 __all__ = [
     "MAX_OFFSET",
-    "DirtyInfo",
     "MarkerPolicy",
-    "MemoryOffsetPolicy",
     "Range",
     "RangePolicy",
     "RangeSet",
-    "dirty_set",
-    "file_range_set",
     "marker_set",
-    "ref_count_set",
+    "subtract_range",
+    "union_ranges",
 ]
 
 MAX_OFFSET: Final[int] = 2**63 - 1
@@ -385,42 +381,6 @@ class RangeSet(Generic[V]):
         finally:
             self._merge_touching(start, end)
 
-    def apply_contiguous(self, rng: Range, fn: Callable[[Range, V], V]) -> Range | None:
-        """Like ``update``, but stops at the first gap in ``rng`` and returns it
-        (clipped to ``rng``); None if segments cover all of ``rng``.
-
-        Only the covered run ``[rng.start, gap.start)`` is cut and updated;
-        merging covers ``[rng.start, gap.start]`` (as ``merge_adjacent``). If
-        ``fn`` raises, the set stays valid and merged. No-op (None) for an
-        empty ``rng``. O(log n + k).
-        """
-        # Follows ApplyContiguous in the reference design.
-        start, end = rng
-        if not 0 <= start <= end <= MAX_OFFSET:
-            raise _malformed(start, end)
-        if start == end:
-            return None
-        self._split_at(start)
-        m = self._map
-        pos = start  # the run [start, pos) is covered and cut
-        gap_end = end
-        try:
-            for seg_start in self._starts(start, end):
-                if seg_start != pos:
-                    gap_end = seg_start
-                    break
-                seg_end, value = m[seg_start]
-                if seg_end > end:
-                    self._split_at(end)
-                    seg_end = end
-                    value = m[seg_start][1]
-                pos = seg_end
-                m[seg_start] = (seg_end, fn(Range(seg_start, seg_end), value))
-        finally:
-            # Also rejoins the cuts at start and end if fn raised.
-            self._merge_touching(start, pos)
-        return None if pos == end else Range(pos, gap_end)
-
     def merge_adjacent(self, rng: Range) -> None:
         """Merges, through the policy, every pair of adjacent segments that both touch
         the closed interval ``[rng.start, rng.end]``.
@@ -571,71 +531,7 @@ class RangeSet(Generic[V]):
             m[cur_start] = (cur_end, cur_value)
 
 
-# ------------------------------------------------------ typed instantiations
-
-
-class MemoryOffsetPolicy:
-    """Values are the memory-file offset of a segment's first byte: segments merge
-    iff the memory behind them is contiguous too."""
-
-    __slots__ = ()
-
-    def merge(self, left: Range, left_value: int, right: Range, right_value: int) -> int | None:
-        return left_value if left_value + (left.end - left.start) == right_value else None
-
-    def split(self, rng: Range, value: int, at: int) -> tuple[int, int]:
-        return value, value + (at - rng.start)
-
-
-def file_range_set() -> RangeSet[int]:
-    """A set mapping file ranges to the memory-file offset holding them."""
-    return RangeSet(_MEMORY_OFFSET_POLICY)
-
-
-@dataclass(frozen=True, slots=True)
-class DirtyInfo:
-    """State of a dirty range: data the origin does not have yet."""
-
-    keep: int = 0  # holders that keep it dirty (writable mappings, in-flight writers)
-    gen: int = 0  # write generation of the last write to it
-
-
-class _DirtyPolicy:
-    """Dirty segments merge iff their keep counts match, keeping the newer generation."""
-
-    __slots__ = ()
-
-    def merge(
-        self, left: Range, left_value: DirtyInfo, right: Range, right_value: DirtyInfo
-    ) -> DirtyInfo | None:
-        if left_value.keep != right_value.keep:
-            return None
-        return left_value if left_value.gen >= right_value.gen else right_value
-
-    def split(self, rng: Range, value: DirtyInfo, at: int) -> tuple[DirtyInfo, DirtyInfo]:
-        return value, value
-
-
-def dirty_set() -> RangeSet[DirtyInfo]:
-    """A set of dirty file ranges."""
-    return RangeSet(_DIRTY_POLICY)
-
-
-class _EqualPolicy(Generic[V]):
-    """Segments merge iff their values are equal; a cut copies the value."""
-
-    __slots__ = ()
-
-    def merge(self, left: Range, left_value: V, right: Range, right_value: V) -> V | None:
-        return left_value if left_value == right_value else None
-
-    def split(self, rng: Range, value: V, at: int) -> tuple[V, V]:
-        return value, value
-
-
-def ref_count_set() -> RangeSet[int]:
-    """A set of reference counts (e.g. mappings) over ranges."""
-    return RangeSet(_EqualPolicy[int]())
+# ------------------------------------------------------------------ markers
 
 
 class MarkerPolicy:
@@ -659,8 +555,6 @@ def marker_set() -> RangeSet[None]:
     return RangeSet(_MARKER_POLICY)
 
 
-_MEMORY_OFFSET_POLICY: Final = MemoryOffsetPolicy()
-_DIRTY_POLICY: Final = _DirtyPolicy()
 _MARKER_POLICY: Final = MarkerPolicy()
 
 

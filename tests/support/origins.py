@@ -32,7 +32,9 @@ class TestOrigin:
         self.calls: collections.Counter[str] = collections.Counter()
         self.read_ranges: list[tuple[int, int]] = []
         self.fail_writes: OriginError | None = None
+        # Reads wait for this event, once reached_gate is set.
         self.read_gate: asyncio.Event | None = None
+        self.reached_gate = asyncio.Event()
 
     @property
     def capabilities(self) -> Capabilities:
@@ -62,6 +64,7 @@ class TestOrigin:
         await self._enter("read")
         self.read_ranges.append((offset, offset + sum(len(b) for b in buffers)))
         if self.read_gate is not None:
+            self.reached_gate.set()
             await self.read_gate.wait()
         # The local origin's version token changes with our own writes, so
         # pinning is only meaningful for real object stores.

@@ -32,6 +32,9 @@ async def cache_rig(
     readahead: int = 4 << 20,
     dirty_expire: float = 3600.0,
     max_inodes: int = 100_000,
+    room_wait: float = 1.0,
+    eviction_policy: str = "s3fifo",
+    max_pinned: int | None = None,
 ) -> AsyncIterator[Rig]:
     root.mkdir(parents=True, exist_ok=True)
     origin = TestOrigin(LocalOrigin.open(str(root)), buffered=buffered, delay=delay)
@@ -46,6 +49,9 @@ async def cache_rig(
             readahead=readahead,
             revalidate=3600.0,
             max_inodes=max_inodes,
+            room_wait=room_wait,
+            eviction_policy=eviction_policy,
+            max_pinned=max_pinned,
         ),
     )
     cache.start()

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from cachesvc.core.errors import CacheFull
-from cachesvc.core.inode import CHANGES_KEPT, COMPLETION_LOOKAHEAD
+from cachesvc.core.fills import COMPLETION_LOOKAHEAD
+from cachesvc.core.inode_state import CHANGES_KEPT
 from cachesvc.core.mapping import release_all
 from cachesvc.core.ranges import Range
 from cachesvc.origins.base import OriginNoSpace, OriginNotFound, OriginUnavailable
@@ -474,7 +475,8 @@ async def test_unchanged_since_tells_which_bytes_later_versions_touched(tmp_path
         # Another origin version: nothing of the old one is known to hold.
         async with inode.attr_mu, inode.maps_mu, inode.data_mu.writing():
             inode.discard_locked()
-        await inode.replaced(await rig.origin.stat("f.bin"))
+        async with inode.attr_mu:  # as FileCache.replace holds it
+            await inode.replaced(await rig.origin.stat("f.bin"))
         assert not inode.unchanged_since(epoch, inode.attr.version, head)
         assert inode.unchanged_since(inode.epoch, inode.attr.version, head)
 

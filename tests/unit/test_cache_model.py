@@ -2,7 +2,9 @@
 fsyncs, evictions, drops, pins and unpins on several files through a
 FileCache with a tiny budget (eviction runs constantly), compared with a
 bytearray per file. Every read must equal the model; after an fsync the
-origin file on disk must equal the model.
+origin file on disk must equal the model. A pin or a (buffered) write the
+budget has no room for is refused with CacheFull and changes nothing; after
+every step the page cache's allocated bytes are within the budget.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from cachesvc.core.budget import budget_slack
+from cachesvc.core.errors import CacheFull
 from tests.support.content import pattern
 from tests.unit.cache_fixtures import Rig, cache_rig
 
@@ -26,8 +30,12 @@ offsets = st.integers(0, MAX_SIZE)
 lengths = st.integers(0, 70_000)
 
 
+CACHE_SIZE = 256 * 1024
+
+
 class CacheModel(RuleBasedStateMachine):
     buffered = False
+    policy = "s3fifo"
 
     def __init__(self) -> None:
         super().__init__()
@@ -51,7 +59,12 @@ class CacheModel(RuleBasedStateMachine):
             path.write_bytes(data)
             self.model[name] = bytearray(data)
         self._rig_cm = cache_rig(
-            root, buffered=self.buffered, cache_size=256 * 1024, readahead=128 * 1024
+            root,
+            buffered=self.buffered,
+            cache_size=CACHE_SIZE,
+            readahead=128 * 1024,
+            room_wait=0.02,
+            eviction_policy=self.policy,
         )
         self.rig = self.run(self._rig_cm.__aenter__())
 
@@ -78,7 +91,11 @@ class CacheModel(RuleBasedStateMachine):
           seed=st.integers(0, 1000))  # fmt: skip
     def write(self, name: str, offset: int, length: int, seed: int) -> None:
         data = pattern(1000 + seed, offset, length)
-        self.run(self._with(name, lambda i: self.rig.cache.write(i, offset, data)))
+        try:
+            self.run(self._with(name, lambda i: self.rig.cache.write(i, offset, data)))
+        except CacheFull:
+            assert self.buffered, "only a buffered write allocates"
+            return  # refused: nothing changed
         model = self.model[name]
         if offset + length > len(model):
             model.extend(bytes(offset + length - len(model)))
@@ -110,7 +127,10 @@ class CacheModel(RuleBasedStateMachine):
 
     @rule(name=st.sampled_from(FILES), offset=offsets, length=st.integers(1, 50_000))
     def pin(self, name: str, offset: int, length: int) -> None:
-        self.run(self.rig.cache.pin(name, offset, offset + length))
+        try:
+            self.run(self.rig.cache.pin(name, offset, offset + length))
+        except CacheFull:
+            return  # past --max-pinned, or no room: refused
         self.pins.append((name, offset, offset + length))
 
     @precondition(lambda self: bool(self.pins))
@@ -123,16 +143,26 @@ class CacheModel(RuleBasedStateMachine):
     def accounting_is_consistent(self) -> None:
         if not hasattr(self, "rig"):
             return
-        files = self.rig.cache.files()
-        assert self.rig.cache.counters.dirty_bytes == sum(f.dirty.total_length for f in files)
-        assert self.rig.cache.counters.mapped_bytes == sum(f.mappings.total_length for f in files)
+        cache = self.rig.cache
+        files = cache.files()
+        assert cache.counters.dirty_bytes == sum(f.dirty.total_length for f in files)
+        assert cache.counters.mapped_bytes == sum(f.mappings.total_length for f in files)
         self.rig.memfile.check_invariants()
+        cache.policy.check_invariants()
+        assert cache.page_cache_bytes <= CACHE_SIZE + budget_slack(CACHE_SIZE)
+        assert cache.budget.reserved == 0
 
 
 class BufferedCacheModel(CacheModel):
     """The same model over an origin without partial writes (like S3)."""
 
     buffered = True
+
+
+class LruCacheModel(CacheModel):
+    """The same model with the LRU eviction policy."""
+
+    policy = "lru"
 
 
 _settings = settings(
@@ -143,5 +173,7 @@ _settings = settings(
 )
 CacheModel.TestCase.settings = _settings
 BufferedCacheModel.TestCase.settings = _settings
+LruCacheModel.TestCase.settings = _settings
 TestCacheModel = CacheModel.TestCase
 TestBufferedCacheModel = BufferedCacheModel.TestCase
+TestLruCacheModel = LruCacheModel.TestCase

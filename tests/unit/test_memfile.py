@@ -1,10 +1,9 @@
 """Unit tests of MemoryFile: placement, reference counts, reclaim, mapping,
-committed accounting and evictions, plus a stateful property test."""
+committed accounting, plus a stateful property test."""
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import random
 import threading
@@ -422,110 +421,6 @@ async def test_allocate_and_fill_frees_everything_on_error(mf: MemoryFile) -> No
     await reclaimed(mf)
     assert mf.usage_segments() == []
     mf.check_invariants()
-
-
-# ---------------------------------------------------------------- eviction
-
-
-class RecordingUser:
-    def __init__(self, memfile: MemoryFile, name: str) -> None:
-        self.memfile = memfile
-        self.name = name
-        self.evicted: list[Range] = []
-
-    async def evict(self, rng: Range) -> None:
-        await asyncio.sleep(0)
-        self.evicted.append(rng)
-
-    def __repr__(self) -> str:
-        return f"<user {self.name}>"
-
-
-async def test_evictable_bookkeeping(mf: MemoryFile) -> None:
-    a = RecordingUser(mf, "a")
-    b = RecordingUser(mf, "b")
-    mf.mark_evictable(a, Range(0, 100))
-    mf.mark_evictable(a, Range(50, 200))
-    mf.mark_evictable(a, Range(300, 300))
-    assert mf.evictable_ranges(a) == [Range(0, 200)]
-    assert mf.evictable_bytes == 200
-    mf.mark_unevictable(a, Range(10, 20))
-    assert mf.evictable_ranges(a) == [Range(0, 10), Range(20, 200)]
-    assert mf.evictable_bytes == 190
-    mf.mark_evictable(b, Range(1000, 1050))
-    assert mf.evictable_bytes == 240
-    mf.check_invariants()
-    mf.mark_all_unevictable(a)
-    assert mf.evictable_ranges(a) == []
-    assert mf.evictable_bytes == 50
-    mf.mark_unevictable(b, Range(0, 5000))
-    assert mf.evictable_bytes == 0
-    assert mf.stats()["evictable_users"] == 0
-    mf.check_invariants()
-    with pytest.raises(MemoryFileError):
-        mf.mark_evictable(a, Range(10, 5))
-
-
-async def test_evictions_reach_every_user(mf: MemoryFile) -> None:
-    a = RecordingUser(mf, "a")
-    b = RecordingUser(mf, "b")
-    for start in (40, 0, 20):
-        mf.mark_evictable(a, Range(start, start + 10))
-    mf.mark_evictable(b, Range(0, 5))
-    mf.start_evictions()
-    mf.start_evictions()  # no second task per user
-    assert mf.stats()["eviction_tasks"] == 2
-    async with asyncio.timeout(WAIT):
-        await mf.wait_for_evictions()
-    assert a.evicted == [Range(0, 10), Range(20, 30), Range(40, 50)]
-    assert b.evicted == [Range(0, 5)]
-    assert mf.evictable_bytes == 0
-    assert mf.stats()["evictable_users"] == 0
-    mf.check_invariants()
-
-
-async def test_evictions_survive_races_and_failing_users(
-    mf: MemoryFile, caplog: pytest.LogCaptureFixture
-) -> None:
-    class RacingUser(RecordingUser):
-        async def evict(self, rng: Range) -> None:
-            if not self.evicted:
-                # The rest is marked unevictable (and something new evictable)
-                # while this eviction is under way.
-                self.memfile.mark_unevictable(self, Range(0, 1000))
-                self.memfile.mark_evictable(self, Range(5000, 5010))
-                self.memfile.check_invariants()
-            await asyncio.sleep(0)
-            self.evicted.append(rng)
-
-    class FailingUser(RecordingUser):
-        async def evict(self, rng: Range) -> None:
-            self.evicted.append(rng)
-            raise RuntimeError("cannot evict")
-
-    racing = RacingUser(mf, "racing")
-    failing = FailingUser(mf, "failing")
-    good = RecordingUser(mf, "good")
-    for user in (racing, failing, good):
-        mf.mark_evictable(user, Range(0, 10))
-        mf.mark_evictable(user, Range(100, 110))
-    with caplog.at_level(logging.ERROR, logger="cachesvc.memfile"):
-        mf.start_evictions()
-        async with asyncio.timeout(WAIT):
-            await mf.wait_for_evictions()
-    # [100, 110) was marked unevictable before its turn; the newly evictable
-    # range is evicted in the same pass.
-    assert racing.evicted == [Range(0, 10), Range(5000, 5010)]
-    assert failing.evicted == [Range(0, 10), Range(100, 110)]
-    assert good.evicted == [Range(0, 10), Range(100, 110)]
-    failures = [r for r in caplog.records if r.exc_info and "<user failing>" in r.getMessage()]
-    assert len(failures) == 2
-    assert mf.evictable_bytes == 0
-    assert mf.stats()["evictable_users"] == 0
-    mf.check_invariants()
-
-
-# ------------------------------------------------------- stats and repr
 
 
 async def test_stats_and_repr(mf: MemoryFile) -> None:

@@ -11,21 +11,28 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from cachesvc.core.ranges import (
-    MAX_OFFSET,
-    DirtyInfo,
-    Range,
-    RangeSet,
-    dirty_set,
-    file_range_set,
-    marker_set,
-    ref_count_set,
-)
+from cachesvc.core.ranges import MAX_OFFSET, Range, RangeSet, marker_set
+from cachesvc.core.sets import CountPolicy, GenerationPolicy, MemoryOffsetPolicy
 
 V = TypeVar("V")
 Seg = tuple[int, int, Any]
 
 R = Range
+
+
+def file_range_set() -> RangeSet[int]:
+    """The generic set as FileRangeSet uses it: memory offsets."""
+    return RangeSet(MemoryOffsetPolicy())
+
+
+def dirty_set() -> RangeSet[int]:
+    """The generic set as DirtySet uses it: write generations."""
+    return RangeSet(GenerationPolicy())
+
+
+def ref_count_set() -> RangeSet[int]:
+    """The generic set as MappingSet uses it: counts."""
+    return RangeSet(CountPolicy())
 
 
 def build(segs: Sequence[Seg], factory: Callable[[], RangeSet[Any]] = ref_count_set) -> Any:
@@ -278,20 +285,15 @@ def test_insert_file_ranges_merge_iff_memory_is_contiguous(
 
 @pytest.mark.parametrize(
     ("left", "right", "expected"),
-    [
-        (DirtyInfo(1, 3), DirtyInfo(1, 5), [(0, 20, DirtyInfo(1, 5))]),
-        (DirtyInfo(0, 7), DirtyInfo(0, 2), [(0, 20, DirtyInfo(0, 7))]),
-        (DirtyInfo(1, 3), DirtyInfo(2, 3), [(0, 10, DirtyInfo(1, 3)), (10, 20, DirtyInfo(2, 3))]),
-    ],
+    [(3, 5, [(0, 20, 5)]), (7, 2, [(0, 20, 7)]), (3, 3, [(0, 20, 3)])],
 )
-def test_dirty_merge_keeps_newest_generation_iff_keep_equal(
-    left: DirtyInfo, right: DirtyInfo, expected: list[Seg]
+def test_dirty_ranges_always_merge_keeping_the_newest_generation(
+    left: int, right: int, expected: list[Seg]
 ) -> None:
     s = dirty_set()
     s.insert(R(0, 10), left)
     s.insert(R(10, 20), right)
     check(s, expected)
-    assert DirtyInfo() == DirtyInfo(keep=0, gen=0)
 
 
 def test_marker_set_always_merges_and_splits() -> None:
@@ -416,49 +418,6 @@ def test_update(rng: R, calls: list[R], expected: list[Seg]) -> None:
     s.check_invariants(require_merged=True)
 
 
-@pytest.mark.parametrize(
-    ("rng", "gap", "calls", "expected"),
-    [
-        (R(0, 40), R(20, 30), [R(0, 10), R(10, 20)], [(0, 10, 2), (10, 20, 3), (30, 40, 1)]),
-        (
-            R(5, 15),
-            None,
-            [R(5, 10), R(10, 15)],
-            [(0, 5, 1), (5, 10, 2), (10, 15, 3), (15, 20, 2), (30, 40, 1)],
-        ),
-        (R(20, 25), R(20, 25), [], UPDATE_BASE),
-        (R(25, 35), R(25, 30), [], UPDATE_BASE),
-        (
-            R(15, 50),
-            R(20, 30),
-            [R(15, 20)],
-            [(0, 10, 1), (10, 15, 2), (15, 20, 3), (30, 40, 1)],
-        ),
-        (R(30, 45), R(40, 45), [R(30, 40)], [(0, 10, 1), (10, 20, 2), (30, 40, 2)]),
-        (
-            R(35, 38),
-            None,
-            [R(35, 38)],
-            [(0, 10, 1), (10, 20, 2), (30, 35, 1), (35, 38, 2), (38, 40, 1)],
-        ),
-        (R(3, 3), None, [], UPDATE_BASE),
-    ],
-)
-def test_apply_contiguous(rng: R, gap: R | None, calls: list[R], expected: list[Seg]) -> None:
-    s = build(UPDATE_BASE)
-    seen, fn = recorder(lambda v: v + 1)
-    assert s.apply_contiguous(rng, fn) == gap
-    assert seen == calls
-    check(s, expected)
-    s.check_invariants(require_merged=True)
-
-
-def test_apply_contiguous_merges_what_became_equal() -> None:
-    s = build(UPDATE_BASE)
-    assert s.apply_contiguous(R(0, 20), lambda _r, _v: 1) is None
-    check(s, [(0, 20, 1), (30, 40, 1)])
-
-
 def failing_after(n: int) -> Callable[[R, int], int]:
     count = 0
 
@@ -474,11 +433,10 @@ def failing_after(n: int) -> Callable[[R, int], int]:
 
 @pytest.mark.parametrize("rng", [R(5, 15), R(5, 35), R(0, 40)])
 @pytest.mark.parametrize("n", [0, 1])
-@pytest.mark.parametrize("op", ["update", "apply_contiguous"])
-def test_raising_fn_leaves_the_set_valid_and_merged(rng: R, n: int, op: str) -> None:
+def test_raising_fn_leaves_the_set_valid_and_merged(rng: R, n: int) -> None:
     s = build(UPDATE_BASE)
     with pytest.raises(KeyError):
-        getattr(s, op)(rng, failing_after(n))
+        s.update(rng, failing_after(n))
     s.check_invariants(require_merged=True)
     if n == 0:
         check(s, UPDATE_BASE)
@@ -543,7 +501,6 @@ def test_clear() -> None:
         lambda s, r: s.isolate(r),
         lambda s, r: s.remove(r),
         lambda s, r: s.update(r, lambda _r, v: v),
-        lambda s, r: s.apply_contiguous(r, lambda _r, v: v),
         lambda s, r: s.merge_adjacent(r),
     ],
 )
@@ -603,9 +560,7 @@ def test_repr() -> None:
         "RangeSet([0, 4096)=7, [8192, 12288)=9)"
     )
     assert repr(ref_count_set()) == "RangeSet()"
-    assert repr(build([(0, 1, DirtyInfo(1, 2))], dirty_set)) == (
-        "RangeSet([0, 1)=DirtyInfo(keep=1, gen=2))"
-    )
+    assert repr(build([(0, 1, (1, 2))], ref_count_set)) == "RangeSet([0, 1)=(1, 2))"
     big = build([(2 * i, 2 * i + 1, i) for i in range(40)])
     text = repr(big)
     assert text.startswith("RangeSet([0, 1)=0, [2, 3)=1,")
@@ -789,23 +744,6 @@ class ModelMachine(RuleBasedStateMachine, Generic[V]):
         self.model_apply(rng, k)
         if not rng.is_empty:
             self.drop_cuts(rng.start, rng.end)
-
-    @rule(rng=ranges, k=st.integers(-2, 2))
-    def apply_contiguous(self, rng: R, k: int) -> None:
-        calls, fn = self.recording(rng, k)
-        gap = self.set.apply_contiguous(rng, fn)
-        if rng.is_empty:
-            assert gap is None and not calls
-            return
-        pos = rng.start
-        while pos < rng.end and pos in self.model:
-            pos += 1
-        if pos == rng.end:
-            assert gap is None
-        else:
-            assert gap == self.free_runs(R(pos, rng.end))[0]
-        self.model_apply(R(rng.start, pos), k)
-        self.drop_cuts(rng.start, pos)
 
     @rule(rng=ranges)
     def merge_adjacent(self, rng: R) -> None:

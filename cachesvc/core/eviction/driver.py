@@ -1,0 +1,163 @@
+"""The one eviction driver: every eviction of the cache happens here.
+
+Follows the Evict contract of the reference design (pgalloc's MemoryFile and
+CachingInodeOperations.Evict): the driver asks the policy for its next
+victim, looks at the extent's state without changing anything
+(:meth:`ExtentOwner.extent_state`), and then either passes it over or takes
+it off the evictable set (``policy.evicted``) *before* asking its owner to
+evict it, holding nothing across that call. An owner must tolerate an
+extent that became unevictable meanwhile (a response mapped it, a write
+made it dirty): it leaves those pages alone, and they come back to the
+policy when their owner admits them again.
+
+Passed over: extents mapped by a response, a pin or a fill's waiters
+(BUSY), and dirty ones, whose owner is asked to write back in the
+background so that they can go next time (DIRTY). A pass gives up once it
+has passed over every tracked extent in a row.
+
+Protected by the event loop; ``evict`` awaits only the owners' evictions,
+and each victim is chosen and taken off the set without an await between.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterable
+from typing import Protocol
+
+from cachesvc.core.accounting import CacheCounters
+from cachesvc.core.eviction.policy import INDEX_MASK, SLOT_SHIFT, EvictionPolicy, extent_key
+
+
+class ExtentState(enum.Enum):
+    """Whether an extent can be evicted now."""
+
+    EVICTABLE = "evictable"
+    BUSY = "busy"  # mapped: a response, a pin, or a fill's waiters hold pages of it
+    DIRTY = "dirty"  # holds bytes the origin does not have yet
+    GONE = "gone"  # nothing of it is cached any more
+
+
+class ExtentOwner(Protocol):
+    """A file whose extents the driver evicts (the caching inode)."""
+
+    @property
+    def path(self) -> str: ...
+
+    @property
+    def slot(self) -> int:
+        """The owner's slot in the cache's table (its extents' keys)."""
+
+    def extent_state(self, index: int) -> ExtentState:
+        """The state of extent ``index``, without changing anything."""
+
+    async def evict_extent(self, index: int) -> int:
+        """Drops the cached, clean, unmapped pages of extent ``index``; returns
+        the bytes dropped. Must not admit the extent to the policy again."""
+
+    def start_writeback(self) -> None:
+        """Starts writing the file's dirty data back, in the background."""
+
+
+def ghost_key(path: str, index: int) -> int:
+    """The key of extent ``index`` of ``path`` in a policy's eviction history."""
+    return hash((path, index))
+
+
+class EvictionDriver:
+    """Evicts the policy's victims through their owners."""
+
+    def __init__(
+        self,
+        policy: EvictionPolicy,
+        owner_of: Callable[[int], ExtentOwner | None],
+        counters: CacheCounters,
+    ) -> None:
+        self.policy = policy  # Immutable.
+        # The owner of a table slot, or None. Immutable.
+        self._owner_of = owner_of
+        self._counters = counters  # Immutable.
+
+    async def evict(self, want: int, *, spare_prefetched: bool = False) -> int:
+        """Evicts victims until ``want`` bytes are freed or none is left that
+        can go now; returns the bytes freed. With ``spare_prefetched``
+        (making room for readahead), extents prefetched and not read yet are
+        passed over: readahead must not push out readahead that a reader
+        has yet to reach."""
+        policy = self.policy
+        freed = 0
+        passed = 0  # victims passed over in a row
+        flushing: set[int] = set()  # owners asked to write back (by id)
+        while freed < want:
+            key = policy.victim()
+            if key is None:
+                break
+            index = key & INDEX_MASK
+            owner = self._owner_of(key >> SLOT_SHIFT)
+            state = ExtentState.GONE if owner is None else owner.extent_state(index)
+            if state is ExtentState.GONE:
+                policy.remove(key)
+                continue
+            if state is not ExtentState.EVICTABLE or (spare_prefetched and policy.prefetched(key)):
+                if state is ExtentState.DIRTY and owner is not None and id(owner) not in flushing:
+                    flushing.add(id(owner))
+                    owner.start_writeback()
+                policy.skip(key, in_use=state is not ExtentState.EVICTABLE)
+                passed += 1
+                if passed > len(policy):
+                    break
+                continue
+            assert owner is not None
+            passed = 0
+            policy.evicted(key, ghost_key(owner.path, index))
+            freed += await self._evict(owner, index)
+        return freed
+
+    async def evict_prefetched(self, want: int) -> int:
+        """Evicts readahead that is not read yet, the furthest ahead first,
+        until ``want`` bytes are freed or none that can go is left; returns
+        the bytes freed (a reader's fill needs room that only readahead
+        holds)."""
+        policy = self.policy
+        freed = 0
+        while freed < want:
+            for key in policy.prefetched_keys():
+                index = key & INDEX_MASK
+                owner = self._owner_of(key >> SLOT_SHIFT)
+                if owner is not None and owner.extent_state(index) is ExtentState.EVICTABLE:
+                    break
+            else:
+                break
+            policy.evicted(key, ghost_key(owner.path, index))
+            freed += await self._evict(owner, index)
+        return freed
+
+    async def evict_extents(self, owner: ExtentOwner, indexes: Iterable[int]) -> int:
+        """Evicts the extents ``indexes`` of ``owner`` that can go now, through
+        the same contract (the cache's limit on files evicts whole files);
+        returns the bytes freed."""
+        policy = self.policy
+        freed = 0
+        for index in indexes:
+            key = extent_key(owner.slot, index)
+            if key not in policy:
+                continue  # pinned, or left behind by an eviction
+            state = owner.extent_state(index)
+            if state is ExtentState.DIRTY:
+                owner.start_writeback()
+            if state is not ExtentState.EVICTABLE:
+                continue
+            policy.evicted(key, ghost_key(owner.path, index))
+            freed += await self._evict(owner, index)
+        return freed
+
+    async def _evict(self, owner: ExtentOwner, index: int) -> int:
+        dropped = await owner.evict_extent(index)
+        if dropped:
+            self._counters.evictions += 1
+            self._counters.evicted_bytes += dropped
+        return dropped
+
+    async def evict_all(self) -> int:
+        """Evicts every extent that can go now; returns the bytes freed."""
+        return await self.evict(1 << 62)

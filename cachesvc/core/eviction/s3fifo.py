@@ -1,0 +1,343 @@
+"""S3-FIFO: a small FIFO, a main FIFO with two-bit clock, and a ghost history.
+
+From "FIFO queues are all you need for cache eviction" (Yang et al., SOSP
+2023), as libCacheSim's S3FIFO renders it, at extent granularity:
+
+- A new extent enters the *small* queue (10 % of the budget), or the *main*
+  queue if its ghost key is in the ghost history (it was evicted from the
+  small queue lately: a second chance for things reused at a longer
+  distance).
+- A read sets the extent's access count (capped at 3); reads never move
+  anything. The first read of a prefetched extent only marks it read: a
+  one-pass scan, prefetched or not, leaves every extent it brought in at
+  count 0.
+- Evicting from the small queue (while it holds at least its share, or the
+  main queue is empty): an extent read since it came in moves to the main
+  queue with its count cleared; one that was not is evicted and its ghost
+  key remembered.
+- Evicting from the main queue: an extent with a count is put back at the
+  tail with its count decremented; one without is evicted.
+- An extent the driver cannot evict now (mapped, dirty) is passed over: at
+  the tail of the main queue, where it stays unless it is read again. One
+  it only spares (prefetched, not read yet) stays in its queue, behind the
+  others. Once every extent of one queue has been passed over since the
+  last eviction, the other is evicted from, whatever its size.
+
+So a scan passes through the small queue and out, while the hot set, read
+again within the small queue's time, stays in the main queue.
+
+The queues are deques of keys with lazy deletion: a removed or moved key
+leaves a stale slot behind, recognized by the key's state (absent, or in
+the other queue) and skipped; the deques are rebuilt once stale slots
+outnumber live ones. The ghost history is a pair of Bloom filters (current
+and previous generation, each sized for the main queue's extents, about 4
+bits per extent in all): a key is in the history while it is in either,
+which keeps roughly the last one to two main-queue's worth of evicted keys.
+
+Protected by the event loop.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Iterator
+from typing import Final
+
+from cachesvc.core.eviction.policy import (
+    FREQ_MASK,
+    FREQ_ONE,
+    MAIN,
+    MAX_FREQ,
+    PREFETCHED,
+    pack,
+    resized,
+    size_of,
+)
+from cachesvc.core.pages import EXTENT_SIZE
+
+# The small queue's share of the budget (the paper's 10 %).
+SMALL_SHARE: Final = 0.10
+# Stale queue slots tolerated beyond the live ones before a rebuild.
+_STALE_SLACK: Final = 1024
+# Bloom filter bits per remembered key, and hash functions per key.
+_BLOOM_BITS_PER_KEY: Final = 16
+_BLOOM_HASHES: Final = 4
+
+
+class GhostHistory:
+    """Recently evicted ghost keys, approximately: two generations of Bloom
+    filters. A false positive (about 0.2 %) only gives an extent the main
+    queue early."""
+
+    def __init__(self, capacity: int) -> None:
+        # Keys per generation. Immutable.
+        self._capacity = max(64, capacity)
+        bits = self._capacity * _BLOOM_BITS_PER_KEY
+        # Filter size in bits (a power of two, for masking). Immutable.
+        self._bits = 1 << (bits - 1).bit_length()
+        self._current = bytearray(self._bits // 8)
+        self._previous = bytearray(self._bits // 8)
+        self._added = 0  # keys added to the current generation
+
+    def _positions(self, ghost: int) -> list[int]:
+        mask = self._bits - 1
+        h = ghost & 0xFFFFFFFFFFFFFFFF
+        step = (h >> 32) | 1
+        return [(h + i * step) & mask for i in range(_BLOOM_HASHES)]
+
+    def add(self, ghost: int) -> None:
+        if self._added >= self._capacity:
+            self._previous, self._current = self._current, self._previous
+            self._current[:] = bytes(len(self._current))
+            self._added = 0
+        for bit in self._positions(ghost):
+            self._current[bit >> 3] |= 1 << (bit & 7)
+        self._added += 1
+
+    def __contains__(self, ghost: int) -> bool:
+        positions = self._positions(ghost)
+        return all(self._current[b >> 3] & (1 << (b & 7)) for b in positions) or all(
+            self._previous[b >> 3] & (1 << (b & 7)) for b in positions
+        )
+
+
+class S3Fifo:
+    """The S3-FIFO policy over a budget of ``capacity`` bytes."""
+
+    name = "s3fifo"
+
+    def __init__(self, capacity: int) -> None:
+        # Bytes the small queue may hold before it is evicted from first. Immutable.
+        self._small_target = max(EXTENT_SIZE, int(capacity * SMALL_SHARE))
+        # key -> packed state (policy.pack). Protected by the event loop.
+        self._state: dict[int, int] = {}
+        # Keys in insertion order, with stale slots (see the module docstring).
+        self._small: collections.deque[int] = collections.deque()
+        self._main: collections.deque[int] = collections.deque()
+        self._small_bytes = 0
+        self._main_bytes = 0
+        self._prefetched_bytes = 0
+        # Keys admitted as prefetched, oldest first, with stale slots.
+        self._prefetched_order: collections.deque[int] = collections.deque()
+        self._ghost = GhostHistory((capacity - self._small_target) // EXTENT_SIZE)
+        # Extents of each queue passed over since the last eviction: once
+        # every one of a queue has been, the other is evicted from, whatever
+        # its size.
+        self._small_passes = 0
+        self._main_passes = 0
+        # Promotions and ghost hits since creation, for stats.
+        self._promoted = 0
+        self._ghost_hits = 0
+
+    # ---------------------------------------------------------------- queries
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._state
+
+    def prefetched(self, key: int) -> bool:
+        return bool(self._state.get(key, 0) & PREFETCHED)
+
+    def prefetched_keys(self) -> Iterator[int]:
+        order = self._prefetched_order
+        while order and not self._state.get(order[-1], 0) & PREFETCHED:
+            order.pop()  # stale
+        return (key for key in reversed(order) if self._state.get(key, 0) & PREFETCHED)
+
+    def __len__(self) -> int:
+        return len(self._state)
+
+    @property
+    def tracked_bytes(self) -> int:
+        return self._small_bytes + self._main_bytes
+
+    @property
+    def prefetched_bytes(self) -> int:
+        return self._prefetched_bytes
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "extents": len(self._state),
+            "small_bytes": self._small_bytes,
+            "main_bytes": self._main_bytes,
+            "prefetched_bytes": self._prefetched_bytes,
+            "promoted_total": self._promoted,
+            "ghost_hits_total": self._ghost_hits,
+        }
+
+    # --------------------------------------------------------------- changes
+
+    def admit(self, key: int, size: int, ghost: int, prefetched: bool) -> None:
+        state = self._state.get(key)
+        if state is not None:
+            new = resized(state, size)
+            self._account(state, -1)
+            self._account(new, 1)
+            self._state[key] = new
+            return
+        state = pack(size, prefetched)
+        if prefetched:
+            self._prefetched_order.append(key)
+        if ghost in self._ghost:
+            self._ghost_hits += 1
+            state |= MAIN
+            self._main.append(key)
+        else:
+            self._small.append(key)
+        self._state[key] = state
+        self._account(state, 1)
+        self._compact_if_stale()
+
+    def touch(self, key: int) -> None:
+        state = self._state.get(key)
+        if state is None:
+            return
+        if state & PREFETCHED:
+            self._prefetched_bytes -= size_of(state)
+            self._state[key] = state & ~PREFETCHED
+        elif (state & FREQ_MASK) < MAX_FREQ * FREQ_ONE:
+            self._state[key] = state + FREQ_ONE
+
+    def remove(self, key: int) -> None:
+        state = self._state.pop(key, None)
+        if state is not None:
+            self._account(state, -1)
+            self._compact_if_stale()
+
+    def _from_small(self) -> bool:
+        """Whether the next victim comes from the small queue."""
+        if not self._small_bytes:
+            return False
+        if not self._main_bytes:
+            return True
+        small_done = self._small_passes >= len(self._small)
+        main_done = self._main_passes >= len(self._main)
+        if small_done != main_done:
+            return main_done
+        return self._small_bytes >= self._small_target
+
+    def victim(self) -> int | None:
+        while True:
+            if self._from_small():
+                key = self._small[0]
+                state = self._state.get(key)
+                if state is None or state & MAIN:
+                    self._small.popleft()  # stale
+                    continue
+                if state & FREQ_MASK:
+                    # Read while in the small queue: into the main queue.
+                    self._small.popleft()
+                    self._account(state, -1)
+                    state = (state & ~FREQ_MASK) | MAIN
+                    self._state[key] = state
+                    self._account(state, 1)
+                    self._main.append(key)
+                    self._promoted += 1
+                    continue
+                return key
+            if not self._main_bytes:
+                return None
+            key = self._main[0]
+            state = self._state.get(key)
+            if state is None or not state & MAIN:
+                self._main.popleft()  # stale
+                continue
+            if state & FREQ_MASK:
+                self._main.rotate(-1)
+                self._state[key] = state - FREQ_ONE
+                continue
+            return key
+
+    def skip(self, key: int, *, in_use: bool) -> None:
+        # An extent of the small queue that is in use (mapped, dirty) has
+        # passed its probation like one that was read: into the main queue,
+        # where it stays unless it is read again. One that is only spared
+        # (readahead not read yet) stays where it is, behind the others.
+        state = self._state[key]
+        main = bool(state & MAIN)
+        if main or not in_use:
+            queue = self._main if main else self._small
+            if main:
+                self._main_passes += 1
+            else:
+                self._small_passes += 1
+            if queue and queue[0] == key:
+                queue.rotate(-1)
+            else:  # not at the head after all: a second slot at the tail
+                queue.append(key)
+            return
+        if self._small and self._small[0] == key:
+            self._small.popleft()
+        self._account(state, -1)
+        state = (state & ~FREQ_MASK) | MAIN
+        self._state[key] = state
+        self._account(state, 1)
+        self._main.append(key)
+
+    def evicted(self, key: int, ghost: int) -> None:
+        self._small_passes = self._main_passes = 0
+        state = self._state.pop(key)
+        self._account(state, -1)
+        queue = self._main if state & MAIN else self._small
+        if queue and queue[0] == key:
+            queue.popleft()
+        if self._prefetched_order and self._prefetched_order[-1] == key:
+            self._prefetched_order.pop()
+        if not state & MAIN:
+            self._ghost.add(ghost)
+
+    # ------------------------------------------------------------- internals
+
+    def _account(self, state: int, sign: int) -> None:
+        size = size_of(state) * sign
+        if state & MAIN:
+            self._main_bytes += size
+        else:
+            self._small_bytes += size
+        if state & PREFETCHED:
+            self._prefetched_bytes += size
+
+    def _compact_if_stale(self) -> None:
+        """Rebuilds the deques once stale slots outnumber live keys."""
+        slots = len(self._small) + len(self._main) + len(self._prefetched_order)
+        if slots <= 2 * len(self._state) + _STALE_SLACK:
+            return
+        self._small = self._live(self._small, main=False)
+        self._main = self._live(self._main, main=True)
+        self._prefetched_order = collections.deque(
+            key for key in self._prefetched_order if self._state.get(key, 0) & PREFETCHED
+        )
+
+    def _live(self, queue: collections.deque[int], *, main: bool) -> collections.deque[int]:
+        seen: set[int] = set()
+        out: collections.deque[int] = collections.deque()
+        for key in queue:
+            state = self._state.get(key)
+            if state is not None and bool(state & MAIN) == main and key not in seen:
+                seen.add(key)
+                out.append(key)
+        return out
+
+    def check_invariants(self) -> None:
+        small = main = prefetched = 0
+        small_keys, main_keys = set(self._small), set(self._main)
+        for key, state in self._state.items():
+            size = size_of(state)
+            if state & MAIN:
+                main += size
+                assert key in main_keys, f"{key} missing from the main queue"
+            else:
+                small += size
+                assert key in small_keys, f"{key} missing from the small queue"
+            if state & PREFETCHED:
+                prefetched += size
+                assert not state & FREQ_MASK, f"prefetched {key} has a count"
+        assert (small, main) == (self._small_bytes, self._main_bytes), (
+            f"queue bytes {self._small_bytes}/{self._main_bytes}, states say {small}/{main}"
+        )
+        assert prefetched == self._prefetched_bytes, (prefetched, self._prefetched_bytes)
+
+    def __repr__(self) -> str:
+        return (
+            f"S3Fifo(extents={len(self._state)}, small={self._small_bytes},"
+            f" main={self._main_bytes}, prefetched={self._prefetched_bytes})"
+        )
