@@ -1,7 +1,7 @@
 """An origin served over HTTP(S): ``--origin http(s)://host[:port]/prefix/``.
 
 Reads are ``Range`` GETs over a pool of keep-alive connections of
-:class:`~cachesvc.origins.http_reads.RangeClient`, which receives the bodies
+:class:`~cachesvc.origins.http.reads.RangeClient`, which receives the bodies
 straight into the cache's pages (why: see that module; a cold read's CPU on
 the event loop went from 183 to 81 ms per 64 MiB). Everything else
 (HEAD, listings, writes) goes over one pooled :class:`aiohttp.ClientSession`
@@ -70,7 +70,7 @@ from cachesvc.origins.base import (
     OriginUnavailable,
     OriginUnsupported,
 )
-from cachesvc.origins.http_parse import (
+from cachesvc.origins.http.parse import (
     ERROR_BODY_LIMIT,
     TRANSIENT,
     TransientTimeout,
@@ -83,10 +83,11 @@ from cachesvc.origins.http_parse import (
     status_error,
     unsatisfied_size,
 )
-from cachesvc.origins.http_reads import BufferSink, RangeClient, Response
+from cachesvc.origins.http.reads import BufferSink, RangeClient, Response
 from cachesvc.wire import INSTANCE_HEADER
 
-logger = logging.getLogger(__name__)
+# Named after the package: one logger for the whole origin.
+logger = logging.getLogger("cachesvc.origins.http")
 
 T = TypeVar("T")
 
@@ -147,7 +148,7 @@ class HttpOrigin:
         self._max_connections = max_connections  # Immutable.
         self._retries = retries  # Immutable.
         # Range reads (read_into): their own pool, bodies received into the
-        # caller's buffers (see cachesvc.origins.http_reads). Immutable.
+        # caller's buffers (see cachesvc.origins.http.reads). Immutable.
         tls = parts.scheme.lower() == "https"
         self._ranges = RangeClient(
             parts.hostname,
