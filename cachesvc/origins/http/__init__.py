@@ -6,6 +6,8 @@ object store's public URL or another cachesvc.
   cachesvc's data API.
 * :mod:`~cachesvc.origins.http.reads`: the range GETs' own connection pool,
   which receives bodies straight into the caller's buffers.
+* :mod:`~cachesvc.origins.http.session`: every other request, on aiohttp,
+  with its failures as OriginErrors.
 * :mod:`~cachesvc.origins.http.parse`: what responses mean: heads,
   ``Content-Range``, version tokens and validators, listings, statuses as
   OriginErrors.
