@@ -90,9 +90,6 @@ logger = logging.getLogger("cachesvc.origins.http")
 
 T = TypeVar("T")
 
-# Response header carrying a value unique to one run of a cachesvc process
-# (a write verifier): a lower tier that restarted has lost unsynced writes.
-
 READ_ONLY_MESSAGE = (
     "the HTTP origin is read-only; start cachesvc with --http-origin-writes "
     "if it accepts partial PUT"
