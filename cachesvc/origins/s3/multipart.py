@@ -2,7 +2,7 @@
 bytes of a rewritten object (old bytes, changed bytes, zeros) and one
 in-progress multipart upload with its parts sent concurrently.
 
-These helpers belong to :class:`~cachesvc.origins.s3.S3Origin` and use its
+These helpers belong to :class:`~cachesvc.origins.s3.origin.S3Origin` and use its
 plumbing (``_errors``, ``_get_into``, ``_keep_abort``); they are only used
 from the task that runs the rewrite or replace.
 """
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
     from types_aiobotocore_s3.type_defs import CompletedPartTypeDef
 
-    from cachesvc.origins.s3 import S3Origin
+    from cachesvc.origins.s3.origin import S3Origin
 
 # S3Origin's logger: an upload is part of its work.
 logger = logging.getLogger("cachesvc.origins.s3")

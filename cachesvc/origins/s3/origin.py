@@ -58,7 +58,7 @@ from cachesvc.origins.base import (
     OriginUnavailable,
     OriginUnsupported,
 )
-from cachesvc.origins.s3_multipart import (
+from cachesvc.origins.s3.multipart import (
     MAX_PART_SIZE,
     MAX_PARTS,
     MIN_PART_SIZE,
@@ -71,7 +71,8 @@ from cachesvc.origins.s3_multipart import (
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
 
-logger = logging.getLogger(__name__)
+# Named after the package: one logger for the whole origin.
+logger = logging.getLogger("cachesvc.origins.s3")
 
 _NOT_FOUND_CODES = frozenset({"NoSuchKey", "NotFound", "404"})
 _DENIED_CODES = frozenset(
