@@ -5,6 +5,9 @@
   multipart upload.
 * :mod:`~cachesvc.origins.s3.multipart`: S3's part limits, the bytes of a
   rewritten object and one multipart upload with its parts sent concurrently.
+* :mod:`~cachesvc.origins.s3.client`: the way to the bucket both use: the
+  aiobotocore client, library failures as OriginErrors, ranged GetObject
+  into buffers, aborts that outlive a cancelled caller.
 """
 
 from cachesvc.origins.s3.origin import S3Origin
