@@ -40,7 +40,7 @@ def local_root(url: str) -> str:
 
 
 def open_origin(url: str, options: OriginOptions) -> Origin:
-    """The Origin for ``url``; imports only the module of that kind."""
+    """The Origin for ``url``; imports only the package of that kind."""
     kind = origin_kind(url)
     if kind == "http":
         from cachesvc.origins.http import HttpOrigin

@@ -29,7 +29,7 @@ from cachesvc.origins.base import (
     OriginUnavailable,
     OriginUnsupported,
 )
-from cachesvc.origins.http import READ_ONLY_MESSAGE, HttpOrigin
+from cachesvc.origins.http.origin import READ_ONLY_MESSAGE, HttpOrigin
 from tests.integration.nginx_fixture import nginx  # noqa: F401  (fixture)
 from tests.support.servers import ServerProcess, running_cachesvc
 

@@ -1,4 +1,4 @@
-"""HttpOrigin's range reads (cachesvc.origins.http_reads) against scripted
+"""HttpOrigin's range reads (cachesvc.origins.http.reads) against scripted
 raw servers and nginx: body framings, connection reuse, cancellation, uvloop.
 
 Everything listens on 127.0.0.1 only; every wait is bounded.

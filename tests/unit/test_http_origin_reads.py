@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from cachesvc.origins.base import OriginUnavailable
-from cachesvc.origins.http_parse import parse_response_head
-from cachesvc.origins.http_reads import BufferSink, _framing
+from cachesvc.origins.http.parse import parse_response_head
+from cachesvc.origins.http.reads import BufferSink, _framing
 
 
 def head(*lines: str) -> bytes:

@@ -25,9 +25,9 @@ from cachesvc.origins.base import (
     OriginUnavailable,
     OriginUnsupported,
 )
-from cachesvc.origins.fileio import IOV_MAX
-from cachesvc.origins.local import LocalOrigin, etag_of, origin_error
-from cachesvc.origins.localpaths import TEMP_MARKER, is_temp_name
+from cachesvc.origins.local.fileio import IOV_MAX
+from cachesvc.origins.local.origin import LocalOrigin, etag_of, origin_error
+from cachesvc.origins.local.paths import TEMP_MARKER, is_temp_name
 
 pytestmark = pytest.mark.timeout(30)
 

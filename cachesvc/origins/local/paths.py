@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cachesvc.origins.base import DirEntry, OriginPermissionDenied
-from cachesvc.origins.fileio import copy_range, fsync_dir_at, pwritev_all
+from cachesvc.origins.local.fileio import copy_range, fsync_dir_at, pwritev_all
 
 TEMP_MARKER = ".cachesvc-tmp-"
 _TEMP_STEM_BYTES = 200  # Keeps temporary names under NAME_MAX (255 bytes).

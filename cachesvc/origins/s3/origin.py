@@ -18,114 +18,43 @@ Etags are kept without their quotes (``OriginStat.etag`` is opaque) and quoted
 again when sent in ``If-Match`` headers.
 
 The client is created lazily on the running event loop and belongs to it; an
-S3Origin must only be used from that loop.
-
-Lock order:
-    S3Origin._client_lock
+S3Origin must only be used from that loop. The way to the bucket (the client,
+errors translated into OriginErrors, ranged reads) is
+:class:`~cachesvc.origins.s3.client.BucketClient`, which the multipart
+uploads (:mod:`cachesvc.origins.s3.multipart`) use too.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import urllib.parse
-from collections.abc import AsyncIterable, Iterator, Sequence
-from contextlib import AsyncExitStack
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterable, Sequence
 
-import aiohttp
-from aiobotocore.config import AioConfig
-from aiobotocore.session import AioSession, get_session
-from botocore.exceptions import (
-    BotoCoreError,
-    ClientError,
-    ConnectTimeoutError,
-    ReadTimeoutError,
-)
+from aiobotocore.session import AioSession
 
 from cachesvc.origins.base import (
     Capabilities,
     ChangedReader,
     DirEntry,
     OriginConflict,
-    OriginError,
-    OriginNoSpace,
     OriginNotFound,
     OriginPermissionDenied,
     OriginStat,
-    OriginTimeout,
     OriginUnavailable,
     OriginUnsupported,
 )
-from cachesvc.origins.s3_multipart import (
+from cachesvc.origins.s3.client import BucketClient, unquote_etag
+from cachesvc.origins.s3.multipart import (
     MAX_PART_SIZE,
     MAX_PARTS,
     MIN_PART_SIZE,
     MultipartUpload,
     RewriteSource,
     clip_changed,
-    quote_etag,
 )
 
-if TYPE_CHECKING:
-    from types_aiobotocore_s3 import S3Client
-
-logger = logging.getLogger(__name__)
-
-_NOT_FOUND_CODES = frozenset({"NoSuchKey", "NotFound", "404"})
-_DENIED_CODES = frozenset(
-    {
-        "AccessDenied",
-        "403",
-        "AllAccessDisabled",
-        "InvalidAccessKeyId",
-        "SignatureDoesNotMatch",
-        "ExpiredToken",
-        "InvalidToken",
-    }
-)
-_CONFLICT_CODES = frozenset({"PreconditionFailed", "412"})
-_NO_SPACE_CODES = frozenset({"EntityTooLarge", "QuotaExceeded", "XMinioStorageFull"})
-_TIMEOUT_CODES = frozenset({"RequestTimeout", "RequestTimeTooSkewed"})
-
-
-def _unquote(etag: str) -> str:
-    return etag.strip('"')
-
-
-def _error_code(exc: ClientError) -> tuple[str, int]:
-    """The S3 error code and HTTP status of ``exc`` (status 0 when unknown)."""
-    code = str(exc.response.get("Error", {}).get("Code", ""))
-    status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
-    return code, status
-
-
-def translate_error(exc: Exception, what: str, bucket: str) -> OriginError:
-    """The OriginError for a failure of aiobotocore, botocore or aiohttp.
-
-    ``what`` names the operation and key for the message. A missing bucket is
-    a misconfiguration, not a missing file: OriginUnavailable.
-    """
-    if isinstance(exc, ClientError):
-        code, status = _error_code(exc)
-        detail = f"{what}: {code or status} {exc.response.get('Error', {}).get('Message', '')}"
-        if code == "NoSuchBucket":
-            return OriginUnavailable(f"{what}: bucket {bucket!r} does not exist")
-        if code in _NOT_FOUND_CODES or status == 404:
-            return OriginNotFound(detail)
-        if code in _DENIED_CODES or status == 403:
-            return OriginPermissionDenied(detail)
-        if code in _CONFLICT_CODES or status == 412:
-            return OriginConflict(detail)
-        if code in _NO_SPACE_CODES or status == 507:
-            return OriginNoSpace(detail)
-        if code in _TIMEOUT_CODES:
-            return OriginTimeout(detail)
-        return OriginUnavailable(detail)
-    if isinstance(exc, ReadTimeoutError | ConnectTimeoutError | TimeoutError):
-        return OriginTimeout(f"{what}: {exc or type(exc).__name__}")
-    return OriginUnavailable(f"{what}: {exc or type(exc).__name__}")
+# Named after the package: one logger for the whole origin.
+logger = logging.getLogger("cachesvc.origins.s3")
 
 
 class S3Origin:
@@ -173,27 +102,16 @@ class S3Origin:
         self.small_object_limit = small_object_limit  # Immutable.
         self.upload_concurrency = upload_concurrency  # Immutable.
         self.list_page_size = list_page_size  # Immutable.
-        self._session = session or get_session()  # Immutable.
-        self._config = AioConfig(  # Immutable.
-            s3={"addressing_style": "path"},
-            retries={"max_attempts": 3, "mode": "standard"},
+        self._s3 = BucketClient(  # Immutable.
+            bucket,
+            name=self.description,
+            endpoint_url=endpoint_url,
+            region=region,
+            max_pool_connections=max_pool_connections,
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
-            max_pool_connections=max_pool_connections,
-            # Checksums only where S3 requires them: MinIO and Ceph releases
-            # before 2025 reject the CRC trailers newer botocore adds by default.
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
+            session=session,
         )
-        self._client_lock = asyncio.Lock()
-        self._stack: AsyncExitStack | None = None  # Protected by _client_lock.
-        # Changed under _client_lock (set on first use, cleared by close);
-        # read without it.
-        self._client: S3Client | None = None
-        self._closed = False  # Protected by _client_lock.
-        # Aborts of multipart uploads that outlived a cancelled caller; close()
-        # waits for them. Only touched on the event loop.
-        self._aborts: set[asyncio.Task[None]] = set()
 
     @classmethod
     def from_url(
@@ -219,41 +137,6 @@ class S3Origin:
 
     # -- plumbing ---------------------------------------------------------------
 
-    async def _get_client(self) -> S3Client:
-        client = self._client
-        if client is not None:
-            return client
-        async with self._client_lock:
-            if self._closed:
-                raise OriginUnavailable(f"{self.description}: origin is closed")
-            client = self._client
-            if client is None:
-                stack = AsyncExitStack()
-                with self._errors("connecting"):
-                    client = await stack.enter_async_context(
-                        self._session.create_client(
-                            "s3",
-                            endpoint_url=self.endpoint_url,
-                            region_name=self.region,
-                            config=self._config,
-                        )
-                    )
-                self._stack = stack
-                self._client = client
-            return client
-
-    @contextlib.contextmanager
-    def _errors(self, what: str) -> Iterator[None]:
-        """Translates library failures inside the block into OriginErrors.
-
-        Everything else (OriginErrors, the caller's own exceptions from
-        ``read_changed`` or ``chunks``, cancellation) passes through.
-        """
-        try:
-            yield
-        except (ClientError, BotoCoreError, aiohttp.ClientError, TimeoutError) as exc:
-            raise translate_error(exc, what, self.bucket) from exc
-
     def _key(self, path: str) -> str:
         """The object key of a file path; OriginPermissionDenied if the path is invalid."""
         if any(seg in ("", ".", "..") or "\0" in seg for seg in path.split("/")):
@@ -266,13 +149,13 @@ class S3Origin:
         return f"{base}/" if base else ""
 
     async def _head(self, key: str) -> OriginStat:
-        client = await self._get_client()
-        with self._errors(f"HeadObject {key}"):
+        client = await self._s3.client()
+        with self._s3.errors(f"HeadObject {key}"):
             resp = await client.head_object(Bucket=self.bucket, Key=key)
         return OriginStat(
             size=resp["ContentLength"],
             mtime=resp["LastModified"].timestamp(),
-            etag=_unquote(resp["ETag"]),
+            etag=unquote_etag(resp["ETag"]),
         )
 
     async def _head_or_none(self, key: str) -> OriginStat | None:
@@ -281,61 +164,16 @@ class S3Origin:
         except OriginNotFound:
             return None
 
-    async def _get_into(
-        self, key: str, offset: int, buffers: Sequence[memoryview], etag: str | None
-    ) -> int:
-        """Fills ``buffers`` from ``offset`` of ``key`` with one ranged GetObject."""
-        total = sum(len(buf) for buf in buffers)
-        if total == 0:
-            return 0
-        client = await self._get_client()
-        what = f"GetObject {key}"
-        with self._errors(what):
-            try:
-                if etag is None:
-                    resp = await client.get_object(
-                        Bucket=self.bucket, Key=key, Range=f"bytes={offset}-{offset + total - 1}"
-                    )
-                else:
-                    resp = await client.get_object(
-                        Bucket=self.bucket,
-                        Key=key,
-                        Range=f"bytes={offset}-{offset + total - 1}",
-                        IfMatch=quote_etag(etag),
-                    )
-            except ClientError as exc:
-                code, status = _error_code(exc)
-                if code == "InvalidRange" or status == 416:
-                    return 0  # offset at or past the end
-                raise
-            async with resp["Body"] as body:
-                # A server that ignores Range answers 200 with the whole object.
-                content_range = resp.get("ContentRange", "")
-                if (offset > 0 or content_range) and not content_range.startswith(
-                    f"bytes {offset}-"
-                ):
-                    raise OriginUnavailable(f"{what}: range ignored ({content_range!r})")
-                filled = 0
-                for buf in buffers:
-                    pos = 0
-                    while pos < len(buf):
-                        n = await body.readinto(buf[pos:])  # type: ignore[arg-type]
-                        if n == 0:
-                            return filled
-                        pos += n
-                        filled += n
-                return filled
-
     async def _put(self, key: str, data: bytes) -> None:
-        client = await self._get_client()
-        with self._errors(f"PutObject {key}"):
+        client = await self._s3.client()
+        with self._s3.errors(f"PutObject {key}"):
             await client.put_object(Bucket=self.bucket, Key=key, Body=data)
 
     async def _start_upload(self, key: str) -> MultipartUpload:
-        client = await self._get_client()
-        with self._errors(f"CreateMultipartUpload {key}"):
+        client = await self._s3.client()
+        with self._s3.errors(f"CreateMultipartUpload {key}"):
             resp = await client.create_multipart_upload(Bucket=self.bucket, Key=key)
-        return MultipartUpload(self, client, key, resp["UploadId"])
+        return MultipartUpload(self._s3, client, key, resp["UploadId"], self.upload_concurrency)
 
     # -- reading ------------------------------------------------------------------
 
@@ -345,15 +183,15 @@ class S3Origin:
     async def read_into(
         self, path: str, offset: int, buffers: Sequence[memoryview], etag: str | None = None
     ) -> int:
-        return await self._get_into(self._key(path), offset, buffers, etag)
+        return await self._s3.get_into(self._key(path), offset, buffers, etag)
 
     async def list_dir(self, path: str) -> list[DirEntry]:
         prefix = self._dir_prefix(path)
-        client = await self._get_client()
+        client = await self._s3.client()
         entries: list[DirEntry] = []
         seen_any = False
         paginator = client.get_paginator("list_objects_v2")
-        with self._errors(f"ListObjectsV2 {prefix}"):
+        with self._s3.errors(f"ListObjectsV2 {prefix}"):
             async for page in paginator.paginate(
                 Bucket=self.bucket,
                 Prefix=prefix,
@@ -383,9 +221,9 @@ class S3Origin:
         return entries
 
     async def check(self) -> None:
-        client = await self._get_client()
+        client = await self._s3.client()
         try:
-            with self._errors(f"HeadBucket {self.bucket}"):
+            with self._s3.errors(f"HeadBucket {self.bucket}"):
                 await client.head_bucket(Bucket=self.bucket)
         except OriginNotFound as exc:
             raise OriginUnavailable(f"bucket {self.bucket!r} does not exist") from exc
@@ -424,7 +262,7 @@ class S3Origin:
             raise OriginConflict(
                 f"{path!r} changed at the origin; the cached changes were not written"
             )
-        source = RewriteSource(self, key, old, clip_changed(changed, size), read_changed)
+        source = RewriteSource(self._s3, key, old, clip_changed(changed, size), read_changed)
         if size <= self.small_object_limit:
             await self._put(key, bytes(await source.assemble(0, size)))
             return await self._head(key)
@@ -484,24 +322,13 @@ class S3Origin:
     async def remove(self, path: str) -> None:
         key = self._key(path)
         await self._head(key)  # DeleteObject succeeds for missing keys
-        client = await self._get_client()
-        with self._errors(f"DeleteObject {key}"):
+        client = await self._s3.client()
+        with self._s3.errors(f"DeleteObject {key}"):
             await client.delete_object(Bucket=self.bucket, Key=key)
 
     async def close(self) -> None:
         """Waits for pending aborts, then closes the client's connections."""
-        if self._aborts:
-            await asyncio.gather(*self._aborts, return_exceptions=True)
-        async with self._client_lock:
-            self._closed = True
-            stack, self._stack, self._client = self._stack, None, None
-        if stack is not None:
-            await stack.aclose()
-
-    def _keep_abort(self, task: asyncio.Task[None]) -> None:
-        """Keeps ``task`` (an abort whose caller was cancelled) alive until it ends."""
-        self._aborts.add(task)
-        task.add_done_callback(self._aborts.discard)
+        await self._s3.close()
 
 
 def _listable(name: str) -> bool:

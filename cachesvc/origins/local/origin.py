@@ -7,7 +7,7 @@ when missing. Replacing or remounting the root directory later is reported by
 
 Confinement. Nothing outside the root is ever opened: a path is resolved one
 name at a time from a descriptor of the root and never through a symbolic
-link, and only regular files are opened (see :mod:`cachesvc.origins.localpaths`).
+link, and only regular files are opened (see :mod:`cachesvc.origins.local.paths`).
 
 Threads. Every system call runs in a bounded thread pool. An operation is one
 job (resolve, open, read, close ...); the event loop only keeps the books. A
@@ -67,8 +67,14 @@ from cachesvc.origins.base import (
     OriginUnavailable,
     OriginUnsupported,
 )
-from cachesvc.origins.fileio import COPY_CHUNK, IOV_MAX, allocate_space, preadv_all, pwritev_all
-from cachesvc.origins.localpaths import (
+from cachesvc.origins.local.fileio import (
+    COPY_CHUNK,
+    IOV_MAX,
+    allocate_space,
+    preadv_all,
+    pwritev_all,
+)
+from cachesvc.origins.local.paths import (
     TempFile,
     commit_temp,
     copy_old,

@@ -3,8 +3,8 @@
 that pin requests to them, nginx JSON directory listings, and unwanted
 statuses as OriginErrors (with the error body's message).
 
-Nothing here sends a request: :mod:`cachesvc.origins.http` and
-:mod:`cachesvc.origins.http_reads` do and hand the heads (or the aiohttp
+Nothing here sends a request: :mod:`cachesvc.origins.http.origin` and
+:mod:`cachesvc.origins.http.reads` do and hand the heads (or the aiohttp
 responses) in; only ``status_error`` reads from a body (the start of an
 error body). Ranges here are HTTP's inclusive ``first-last``, as on the wire.
 """

@@ -1,14 +1,14 @@
 """An origin served over HTTP(S): ``--origin http(s)://host[:port]/prefix/``.
 
 Reads are ``Range`` GETs over a pool of keep-alive connections of
-:class:`~cachesvc.origins.http_reads.RangeClient`, which receives the bodies
+:class:`~cachesvc.origins.http.reads.RangeClient`, which receives the bodies
 straight into the cache's pages (why: see that module; a cold read's CPU on
 the event loop went from 183 to 81 ms per 64 MiB). Everything else
 (HEAD, listings, writes) goes over one pooled :class:`aiohttp.ClientSession`
 (keep-alive, a connection limit, connect and read timeouts), created lazily in
-the running loop. Each pool has the same limits and timeouts. Any static file
-server with byte ranges works (nginx, another cachesvc's ``/files/``, an
-object store's public URL).
+the running loop (:mod:`cachesvc.origins.http.session`). Each pool has the
+same limits and timeouts. Any static file server with byte ranges works
+(nginx, another cachesvc's ``/files/``, an object store's public URL).
 
 Version tokens. ``stat`` returns, as ``OriginStat.etag``:
 
@@ -53,9 +53,8 @@ import json
 import logging
 import urllib.parse
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
 
-import aiohttp
 from yarl import URL
 
 from cachesvc.origins.base import (
@@ -70,10 +69,9 @@ from cachesvc.origins.base import (
     OriginUnavailable,
     OriginUnsupported,
 )
-from cachesvc.origins.http_parse import (
+from cachesvc.origins.http.parse import (
     ERROR_BODY_LIMIT,
     TRANSIENT,
-    TransientTimeout,
     TransientUnavailable,
     Validator,
     content_range,
@@ -83,15 +81,14 @@ from cachesvc.origins.http_parse import (
     status_error,
     unsatisfied_size,
 )
-from cachesvc.origins.http_reads import BufferSink, RangeClient, Response
+from cachesvc.origins.http.reads import BufferSink, RangeClient, Response
+from cachesvc.origins.http.session import Session
 from cachesvc.wire import INSTANCE_HEADER
 
-logger = logging.getLogger(__name__)
+# Named after the package: one logger for the whole origin.
+logger = logging.getLogger("cachesvc.origins.http")
 
 T = TypeVar("T")
-
-# Response header carrying a value unique to one run of a cachesvc process
-# (a write verifier): a lower tier that restarted has lost unsynced writes.
 
 READ_ONLY_MESSAGE = (
     "the HTTP origin is read-only; start cachesvc with --http-origin-writes "
@@ -130,39 +127,39 @@ class HttpOrigin:
         path = parts.path if parts.path.endswith("/") else parts.path + "/"
         # Immutable: the base URL (no credentials), always ending in '/'.
         self._base = f"{parts.scheme.lower()}://{host}{path}"
-        # Immutable: headers sent with every request.
-        self._headers = {"Accept-Encoding": "identity", "User-Agent": "cachesvc"}
+        # Headers sent with every request, by both pools.
+        headers = {"Accept-Encoding": "identity", "User-Agent": "cachesvc"}
         if parts.username is not None:
             if token is not None:
                 raise ValueError("give either credentials in the origin URL or a token, not both")
             user = urllib.parse.unquote(parts.username)
             password = urllib.parse.unquote(parts.password or "")
             basic = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
-            self._headers["Authorization"] = f"Basic {basic}"
+            headers["Authorization"] = f"Basic {basic}"
         elif token is not None:
-            self._headers["Authorization"] = f"Bearer {token}"
+            headers["Authorization"] = f"Bearer {token}"
         self._writes = writes  # Immutable.
-        self._connect_timeout = connect_timeout  # Immutable.
-        self._read_timeout = read_timeout  # Immutable.
-        self._max_connections = max_connections  # Immutable.
         self._retries = retries  # Immutable.
         # Range reads (read_into): their own pool, bodies received into the
-        # caller's buffers (see cachesvc.origins.http_reads). Immutable.
+        # caller's buffers (see cachesvc.origins.http.reads). Immutable.
         tls = parts.scheme.lower() == "https"
         self._ranges = RangeClient(
             parts.hostname,
             parts.port or (443 if tls else 80),
             tls=tls,
             host_header=host,
-            headers=self._headers,
+            headers=headers,
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
             max_connections=max_connections,
         )
-        # Created by the first request, inside the running loop; changed only
-        # between awaits (no lock needed).
-        self._session: aiohttp.ClientSession | None = None
-        self._closed = False  # Set by close(); never cleared.
+        # Everything else: HEAD, listings, writes. Immutable.
+        self._session = Session(
+            headers,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            max_connections=max_connections,
+        )
         # Per path with writes not yet synced: the origin instance that took
         # the first of them, and the paths whose writes went to more than one
         # instance (the origin restarted). Changed only between awaits.
@@ -195,7 +192,7 @@ class HttpOrigin:
         return await self._retrying(lambda: self._stat_once(url, path))
 
     async def _stat_once(self, url: URL, path: str) -> OriginStat:
-        async with self._exchange("HEAD", url) as resp:
+        async with self._session.exchange("HEAD", url) as resp:
             if resp.status == 200 and resp.content_length is not None:
                 return stat_from(resp.headers, resp.content_length)
             if 300 <= resp.status < 400 and resp.headers.get("Location", "").endswith("/"):
@@ -204,7 +201,7 @@ class HttpOrigin:
                 raise await status_error(resp, "HEAD", url)
         # HEAD refused or without a length: ask for one byte instead.
         what = f"GET {url}"
-        async with self._exchange("GET", url, headers={"Range": "bytes=0-0"}) as resp:
+        async with self._session.exchange("GET", url, headers={"Range": "bytes=0-0"}) as resp:
             if resp.status == 206:
                 first, _, size = content_range(resp.headers, what)
                 if first != 0 or size is None:
@@ -292,7 +289,9 @@ class HttpOrigin:
 
     async def _list_once(self, url: URL) -> list[DirEntry]:
         what = f"GET {url}"
-        async with self._exchange("GET", url, headers={"Accept": "application/json"}) as resp:
+        async with self._session.exchange(
+            "GET", url, headers={"Accept": "application/json"}
+        ) as resp:
             if resp.status != 200:
                 raise await status_error(resp, "GET", url)
             body = bytearray()
@@ -310,16 +309,13 @@ class HttpOrigin:
 
     async def check(self) -> None:
         url = URL(self._base, encoded=True)
-        async with self._exchange("HEAD", url) as resp:
+        async with self._session.exchange("HEAD", url) as resp:
             if resp.status >= 500:
                 raise await status_error(resp, "HEAD", url)
 
     async def close(self) -> None:
-        self._closed = True
         self._ranges.close()
-        session, self._session = self._session, None
-        if session is not None:
-            await session.close()
+        await self._session.close()
 
     # --------------------------------------------------------------- writing
 
@@ -446,7 +442,7 @@ class HttpOrigin:
             return await self.stat(path)
         url = self._url(path)
         headers = {"If-None-Match": "*", "Content-Length": "0"}
-        async with self._exchange("PUT", url, headers=headers, data=b"") as resp:
+        async with self._session.exchange("PUT", url, headers=headers, data=b"") as resp:
             if resp.status // 100 != 2 and resp.status != 412:  # 412: created meanwhile
                 raise await status_error(resp, "PUT", url, write=True)
         return await self.stat(path)
@@ -466,7 +462,7 @@ class HttpOrigin:
 
         Returns the origin's instance verifier (INSTANCE_HEADER), if it sends one.
         """
-        async with self._exchange(method, url, headers=headers, data=data) as resp:
+        async with self._session.exchange(method, url, headers=headers, data=data) as resp:
             if resp.status // 100 != 2:
                 raise await status_error(resp, method, url, write=True, pinned=True)
             return resp.headers.get(INSTANCE_HEADER)
@@ -531,39 +527,6 @@ class HttpOrigin:
         if query:
             url += "?" + query
         return URL(url, encoded=True)
-
-    def _client(self) -> aiohttp.ClientSession:
-        if self._closed:
-            raise RuntimeError("HttpOrigin used after close()")
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0),
-                timeout=aiohttp.ClientTimeout(
-                    total=None, sock_connect=self._connect_timeout, sock_read=self._read_timeout
-                ),
-                headers=self._headers,
-                auto_decompress=False,
-            )
-        return self._session
-
-    @contextlib.asynccontextmanager
-    async def _exchange(
-        self, method: str, url: URL, *, headers: dict[str, str] | None = None, data: object = None
-    ) -> AsyncIterator[aiohttp.ClientResponse]:
-        """One request; aiohttp's failures leave as OriginErrors (body reading included)."""
-        what = f"{method} {url}"
-        kwargs: dict[str, Any] = {"headers": headers, "allow_redirects": False}
-        if data is not None:
-            kwargs["data"] = data
-        try:
-            async with self._client().request(method, url, **kwargs) as resp:
-                yield resp
-        except TimeoutError as exc:
-            raise TransientTimeout(f"{what}: timed out") from exc
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
-            raise TransientUnavailable(f"{what}: {exc or type(exc).__name__}") from exc
-        except aiohttp.ClientError as exc:
-            raise OriginUnavailable(f"{what}: {exc or type(exc).__name__}") from exc
 
     async def _retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
         """Runs an idempotent request, retrying transient failures with backoff."""

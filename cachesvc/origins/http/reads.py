@@ -23,7 +23,7 @@ rclone's time to 1.11-1.15x (together with the overlapped populate in
 MemoryFile.allocate_and_fill).
 
 What it handles, as the origin needs it: response heads (1xx answers are
-skipped; :func:`~cachesvc.origins.http_parse.parse_response_head`), bodies
+skipped; :func:`~cachesvc.origins.http.parse.parse_response_head`), bodies
 framed by ``Content-Length``, by chunked transfer coding or by the end of the
 connection, keep-alive (``Connection: close`` and HTTP/1.0 honoured), https
 with the default certificate checks, a connect timeout and a read timeout that
@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from typing import cast
 
 from cachesvc.origins.base import OriginUnavailable
-from cachesvc.origins.http_parse import (
+from cachesvc.origins.http.parse import (
     ResponseHead,
     TransientTimeout,
     TransientUnavailable,

@@ -2,9 +2,11 @@
 bytes of a rewritten object (old bytes, changed bytes, zeros) and one
 in-progress multipart upload with its parts sent concurrently.
 
-These helpers belong to :class:`~cachesvc.origins.s3.S3Origin` and use its
-plumbing (``_errors``, ``_get_into``, ``_keep_abort``); they are only used
-from the task that runs the rewrite or replace.
+These helpers belong to :class:`~cachesvc.origins.s3.origin.S3Origin` but
+reach the bucket only through the
+:class:`~cachesvc.origins.s3.client.BucketClient` it hands them (errors
+translated, ranged reads, aborts that outlive their caller); they are only
+used from the task that runs the rewrite or replace.
 """
 
 from __future__ import annotations
@@ -19,12 +21,11 @@ import aiohttp
 from botocore.exceptions import BotoCoreError, ClientError
 
 from cachesvc.origins.base import ChangedReader, OriginConflict, OriginNoSpace, OriginStat
+from cachesvc.origins.s3.client import BucketClient, quote_etag
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
     from types_aiobotocore_s3.type_defs import CompletedPartTypeDef
-
-    from cachesvc.origins.s3 import S3Origin
 
 # S3Origin's logger: an upload is part of its work.
 logger = logging.getLogger("cachesvc.origins.s3")
@@ -40,11 +41,6 @@ MAX_PARTS = 10_000
 """S3's largest part number."""
 
 
-def quote_etag(etag: str) -> str:
-    """``etag`` quoted, as S3 wants it in ``If-Match`` headers."""
-    return f'"{etag}"'
-
-
 def clip_changed(changed: Sequence[tuple[int, int]], size: int) -> list[tuple[int, int]]:
     """``changed`` clipped to ``[0, size)``, empty ranges dropped."""
     clipped = [(max(start, 0), min(end, size)) for start, end in changed]
@@ -56,13 +52,13 @@ class RewriteSource:
 
     def __init__(
         self,
-        origin: S3Origin,
+        s3: BucketClient,
         key: str,
         old: OriginStat | None,
         changed: list[tuple[int, int]],
         read_changed: ChangedReader,
     ) -> None:
-        self._origin = origin
+        self._s3 = s3
         self._key = key
         self.old_size = old.size if old is not None else 0
         self.old_etag = old.etag if old is not None else ""
@@ -112,7 +108,7 @@ class RewriteSource:
         if unchanged:
             first, last = unchanged[0][0], min(unchanged[-1][1], old_end)
             want = last - first
-            got = await self._origin._get_into(
+            got = await self._s3.get_into(
                 self._key, first, [view[first - start : last - start]], self.old_etag
             )
             if got != want:
@@ -128,18 +124,20 @@ class RewriteSource:
 
 
 class MultipartUpload:
-    """One in-progress multipart upload; parts go up ``upload_concurrency`` at a time.
+    """One in-progress multipart upload; parts go up ``concurrency`` at a time.
 
     Parts are numbered in the order they are handed in. Only used by the task
     that started it.
     """
 
-    def __init__(self, origin: S3Origin, client: S3Client, key: str, upload_id: str) -> None:
-        self._origin = origin  # Immutable.
+    def __init__(
+        self, s3: BucketClient, client: S3Client, key: str, upload_id: str, concurrency: int
+    ) -> None:
+        self._s3 = s3  # Immutable.
         self._client = client  # Immutable.
         self._key = key  # Immutable.
         self._upload_id = upload_id  # Immutable.
-        self._slots = asyncio.Semaphore(origin.upload_concurrency)
+        self._slots = asyncio.Semaphore(concurrency)
         self._tasks: list[asyncio.Task[CompletedPartTypeDef]] = []
 
     def _check_failed(self) -> None:
@@ -163,7 +161,7 @@ class MultipartUpload:
 
         async def run() -> CompletedPartTypeDef:
             try:
-                with self._origin._errors(f"{what} {self._key} part {number}"):
+                with self._s3.errors(f"{what} {self._key} part {number}"):
                     etag = await send(number)
                 return {"PartNumber": number, "ETag": etag}
             finally:
@@ -174,7 +172,7 @@ class MultipartUpload:
     async def upload_part(self, data: bytes) -> None:
         async def send(number: int) -> str:
             resp = await self._client.upload_part(
-                Bucket=self._origin.bucket,
+                Bucket=self._s3.bucket,
                 Key=self._key,
                 UploadId=self._upload_id,
                 PartNumber=number,
@@ -189,11 +187,11 @@ class MultipartUpload:
 
         async def send(number: int) -> str:
             resp = await self._client.upload_part_copy(
-                Bucket=self._origin.bucket,
+                Bucket=self._s3.bucket,
                 Key=self._key,
                 UploadId=self._upload_id,
                 PartNumber=number,
-                CopySource={"Bucket": self._origin.bucket, "Key": self._key},
+                CopySource={"Bucket": self._s3.bucket, "Key": self._key},
                 CopySourceRange=f"bytes={start}-{end - 1}",
                 CopySourceIfMatch=quote_etag(etag),
             )
@@ -203,9 +201,9 @@ class MultipartUpload:
 
     async def complete(self) -> None:
         parts = list(await asyncio.gather(*self._tasks))
-        with self._origin._errors(f"CompleteMultipartUpload {self._key}"):
+        with self._s3.errors(f"CompleteMultipartUpload {self._key}"):
             await self._client.complete_multipart_upload(
-                Bucket=self._origin.bucket,
+                Bucket=self._s3.bucket,
                 Key=self._key,
                 UploadId=self._upload_id,
                 MultipartUpload={"Parts": parts},
@@ -221,7 +219,7 @@ class MultipartUpload:
         try:
             await asyncio.shield(abort)
         except asyncio.CancelledError:
-            self._origin._keep_abort(abort)
+            self._s3.keep_abort(abort)
             raise
 
     async def _abort_now(self) -> None:
@@ -231,7 +229,7 @@ class MultipartUpload:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         try:
             await self._client.abort_multipart_upload(
-                Bucket=self._origin.bucket, Key=self._key, UploadId=self._upload_id
+                Bucket=self._s3.bucket, Key=self._key, UploadId=self._upload_id
             )
         except (ClientError, BotoCoreError, aiohttp.ClientError, TimeoutError) as exc:
             logger.warning(
