@@ -26,7 +26,7 @@ from cachesvc.config import (
     detect_memory_limit,
     load_config,
 )
-from cachesvc.config_values import (
+from cachesvc.config.values import (
     GiB,
     HostPort,
     KiB,

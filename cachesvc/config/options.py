@@ -10,7 +10,7 @@ Precedence: flag > environment (``CACHESVC_<FLAG_IN_CAPS>``) > TOML file
 (``--config PATH`` or ``CACHESVC_CONFIG``) > default.
 
 Value syntax (sizes, durations, addresses, origins) is that of the parsers
-in :mod:`cachesvc.config_values`. Per source:
+in :mod:`cachesvc.config.values`. Per source:
 
 - durations: at most a year.
 - booleans: ``--read-only`` / ``--no-read-only`` on the command line,
@@ -48,8 +48,9 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
 
-from cachesvc.config_values import (
+from cachesvc.config.values import (
     GiB,
+    HostPort,
     KiB,
     MiB,
     choice_parser,
@@ -65,10 +66,6 @@ from cachesvc.config_values import (
     parse_text,
     parse_token,
 )
-from cachesvc.config_values import HostPort as HostPort
-
-# HostPort is re-exported ("as" import above): it is the type of
-# Config.listen and Config.admin_listen.
 
 WriteMode = Literal["writeback", "writethrough"]
 LogLevel = Literal["debug", "info", "warning", "error"]

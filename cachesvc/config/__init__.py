@@ -1,0 +1,33 @@
+"""The server's configuration, as the rest of cachesvc imports it.
+
+- :mod:`cachesvc.config.options`: the option table, :class:`Config`, argparse
+  wiring and loading (flag > ``CACHESVC_*`` environment > TOML file > default).
+- :mod:`cachesvc.config.values`: value syntax, the parsers and formatters of
+  sizes, durations, addresses, origins and tokens.
+"""
+
+from __future__ import annotations
+
+from cachesvc.config.options import (
+    CONFIG_ENV,
+    OPTIONS,
+    Config,
+    ConfigError,
+    add_arguments,
+    default_cache_size,
+    detect_memory_limit,
+    load_config,
+)
+from cachesvc.config.values import HostPort
+
+__all__ = [
+    "CONFIG_ENV",
+    "OPTIONS",
+    "Config",
+    "ConfigError",
+    "HostPort",
+    "add_arguments",
+    "default_cache_size",
+    "detect_memory_limit",
+    "load_config",
+]
