@@ -66,19 +66,19 @@ from cachesvc.config.values import (
     parse_text,
     parse_token,
 )
+from cachesvc.core.fills import MIN_READAHEAD
+from cachesvc.core.memfile import PAGE_SIZE
 
 WriteMode = Literal["writeback", "writethrough"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["text", "json"]
 
-PAGE_SIZE = 4096
-
 ENV_PREFIX = "CACHESVC_"
 CONFIG_ENV = "CACHESVC_CONFIG"
 
 # Minimums for sizes: below these the cache cannot do useful work.
+# (--readahead's, MIN_READAHEAD, is the core's smallest fill window.)
 MIN_CACHE_SIZE = 1 * MiB
-MIN_READAHEAD = 64 * KiB  # the reference design's fixed readahead window
 MIN_MAX_DIRTY = 64 * KiB
 # The default largest readahead window. A streamed read keeps up to three
 # windows ahead of the reader; against a 2 ms origin (benchmarks/origin_bench.py,
