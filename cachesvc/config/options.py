@@ -24,7 +24,9 @@ in :mod:`cachesvc.config.values`. Per source:
 
 Defaults that are computed: ``--cache-size`` is min(1 GiB, a quarter of the
 memory limit, see :mod:`cachesvc.config.hostlimits`); ``--max-dirty`` is half
-of the cache size.
+of the cache size; ``--readahead``, when not given at all, is 16 MiB, at most
+an eighth of the cache size, at least 64 KiB (given as 0 it turns readahead
+off: fills cover only the request's own pages).
 
 Cross-field rules: an admin listener on a non-loopback address needs
 ``--admin-token``; ``--max-dirty`` and ``--readahead`` may not exceed
@@ -137,7 +139,9 @@ class Config:
     write_mode: WriteMode = "writeback"
     dirty_expire: float = 30.0  # seconds
     max_dirty: int = 0  # bytes; 0 (the default) becomes cache_size // 2
-    readahead: int = 0  # bytes, page-aligned; 0 (the default): see default_readahead
+    # bytes, page-aligned; 0: no readahead, fills cover only the request's own
+    # pages; None (not given) becomes default_readahead(cache_size).
+    readahead: int | None = None
     max_ranges: int = 64
     max_partial_write: int = 64 * MiB  # bytes
     revalidate: float = 60.0  # seconds
@@ -152,12 +156,12 @@ class Config:
     def __post_init__(self) -> None:
         if self.max_dirty == 0:
             object.__setattr__(self, "max_dirty", max(MIN_MAX_DIRTY, self.cache_size // 2))
-        if self.readahead == 0:
-            object.__setattr__(self, "readahead", default_readahead(self.cache_size))
+        readahead = default_readahead(self.cache_size) if self.readahead is None else self.readahead
+        object.__setattr__(self, "readahead", readahead)
         size = format_size(self.cache_size)
         if self.max_dirty > self.cache_size:
             raise ConfigError("--max-dirty", f"must not exceed --cache-size ({size})")
-        if self.readahead > self.cache_size:
+        if readahead > self.cache_size:
             raise ConfigError("--readahead", f"must not exceed --cache-size ({size})")
         if not self.admin_listen.is_loopback and not self.admin_token:
             raise ConfigError(
@@ -185,6 +189,7 @@ class Option:
     show: Callable[[Any], str] = str  # renders the default for --help
     default_text: Callable[[], str] | None = None  # replaces show(default) in --help
     minimum: float | None = None
+    zero: str | None = None  # what 0 means, when 0 is allowed below the minimum
     maximum: float | None = None
     align: int = 1  # values are rounded up to a multiple of this
     numeric: bool = False  # TOML may give an int or float instead of a string
@@ -219,8 +224,13 @@ class Option:
         """Bounds and alignment of a parsed value; ValueError on failure."""
         if self.align > 1:
             value = -(-value // self.align) * self.align
+        if value == 0 and self.zero is not None:
+            return value
         if self.minimum is not None and value < self.minimum:
-            raise ValueError(f"must be at least {self.show(self.minimum)}, got {self.show(value)}")
+            least = f"at least {self.show(self.minimum)}"
+            if self.zero is not None:
+                least = f"0 ({self.zero}) or {least}"
+            raise ValueError(f"must be {least}, got {self.show(value)}")
         if self.maximum is not None and value > self.maximum:
             raise ValueError(f"must be at most {self.show(self.maximum)}, got {self.show(value)}")
         return value
@@ -291,8 +301,13 @@ OPTIONS: tuple[Option, ...] = (
         "back the cache with this file (e.g. on tmpfs) instead of an anonymous memfd",
         "cache", "PATH",
     ),
-    _size("readahead", "largest readahead window (rounded up to 4KiB)", "cache", MIN_READAHEAD,
-          align=PAGE_SIZE, default_text=lambda: "16MiB, at most an eighth of --cache-size"),
+    _size(
+        "readahead",
+        "largest readahead window (rounded up to 4KiB; 0: none, fills cover only the"
+        " request's own pages)",
+        "cache", MIN_READAHEAD, align=PAGE_SIZE, zero="no readahead",
+        default_text=lambda: "16MiB, at most an eighth of --cache-size",
+    ),
     _duration(
         "revalidate", "how long cached data is trusted before the origin is asked again",
         "cache",
