@@ -180,7 +180,7 @@ class DataServer:
                 and origin.stats()["jobs"] == 0
             )
 
-        await self.call(lambda: until(quiet, bool, timeout, "the data server idle"), timeout + 5)
+        await self.call(lambda: until(quiet, "the data server idle", timeout), timeout + 5)
 
     def fast_connections(self) -> int:
         """Connections still on the fast read path (not handed to aiohttp)."""

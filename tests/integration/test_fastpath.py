@@ -310,10 +310,10 @@ async def test_a_write_is_seen_by_the_next_fast_read(server: DataServer, connect
 async def test_an_incomplete_head_goes_to_aiohttp(server: DataServer, connect: object) -> None:
     connection = await connect()  # type: ignore[operator]
     whole = request("GET", "/files/f.bin", "Range: bytes=0-9")
-    await until(server.fast_connections, lambda n: n == 1, TIMEOUT, "the connection accepted")
+    await until(lambda: server.fast_connections() == 1, "the connection accepted", TIMEOUT)
     await connection.send(whole[:20])
     # The fast path hands the incomplete head to aiohttp before the rest comes.
-    await until(server.fast_connections, lambda n: n == 0, TIMEOUT, "the hand-off to aiohttp")
+    await until(lambda: server.fast_connections() == 0, "the hand-off to aiohttp", TIMEOUT)
     await connection.send(whole[20:])
     answer = await connection.answer()
     assert answer.body == (server.root / "f.bin").read_bytes()[:10]

@@ -145,7 +145,7 @@ async def test_idle_connection_closed_by_the_server_is_replaced_at_once() -> Non
         async with origin_on(srv, retries=0) as o:
             assert await read(o, "f", 0, 10) == DATA[:10]
             # The server has closed it; polling lets the client's loop see the end.
-            await until(lambda: srv.closed, bool, 10, "the server closing the connection")
+            await until(lambda: srv.closed, "the server closing the connection")
             assert await read(o, "f", 10, 10) == DATA[10:20]
         assert srv.connections == 2
 
@@ -193,7 +193,7 @@ async def test_a_cancelled_read_writes_nothing_more_into_the_buffers() -> None:
         buf = bytearray(200_000)
         try:
             task = asyncio.create_task(o.read_into("f", 0, [memoryview(buf)]))
-            await until(lambda: any(buf[90_000:99_000]), bool, 10, "the first half arriving")
+            await until(lambda: any(buf[90_000:99_000]), "the first half arriving")
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
@@ -201,7 +201,7 @@ async def test_a_cancelled_read_writes_nothing_more_into_the_buffers() -> None:
             more.set()
             # The server has sent the second half (or found the connection
             # gone) and closed it: nothing more can arrive.
-            await until(lambda: srv.closed, bool, 10, "the server closing the connection")
+            await until(lambda: srv.closed, "the server closing the connection")
             assert bytes(buf) == snapshot
             assert not any(buf[110_000:])
             assert await read(o, "f", 0, 1000) == DATA[:1000]  # on a new connection

@@ -6,11 +6,11 @@ condition that shows it instead of sleeping a fixed time: fast when the
 machine is fast, still right when it is loaded. Every wait has a deadline
 and fails naming what it waited for and the last value seen.
 
-:func:`wait_until` blocks (threads, subprocess tests); :func:`until` is its
-coroutine twin for tests on an event loop. Both take an ``accept`` test of
-the probed value; :func:`steady` makes one for "stopped changing", which is
-how :func:`wait_stalled` / :func:`until_stalled` tell that a peer has filled
-our receive queue and is now blocked on us.
+:func:`wait_until` blocks (threads, subprocess tests) until an ``accept``
+test takes a probed value; :func:`until` waits on an event loop until a
+condition holds. :func:`steady` is an ``accept`` for "stopped changing",
+which is how :func:`wait_stalled` / :func:`until_stalled` tell that a peer
+has filled our receive queue and is now blocked on us.
 """
 
 from __future__ import annotations
@@ -72,20 +72,15 @@ def wait_until(
 
 
 async def until(
-    probe: Callable[[], T],
-    accept: Callable[[T], bool],
-    timeout: float,
-    what: str,
-    *,
-    interval: float = 0.01,
-) -> T:
-    """:func:`wait_until` on an event loop: other tasks run between probes."""
-    poll = _Poll(probe, accept, timeout, what)
+    condition: Callable[[], object], what: str, timeout: float = 10.0, *, interval: float = 0.01
+) -> None:
+    """Waits on an event loop until ``condition()`` is true; other tasks run
+    between two calls. Raises TimeoutError naming ``what``."""
+    poll = _Poll(condition, bool, timeout, what)
     # The conditions polled here have no event to wait on (a peer's socket,
     # another thread's counters): the sleep is the poll interval.
     while not poll.done():  # noqa: ASYNC110
         await asyncio.sleep(interval)
-    return poll.result
 
 
 def steady(polls: int) -> Callable[[T], bool]:
@@ -118,7 +113,7 @@ def wait_stalled(sock: _HasFileno, timeout: float = 10.0) -> int:
     return wait_until(probe, steady(STALL_POLLS), timeout, _STALLED, interval=STALL_INTERVAL)
 
 
-async def until_stalled(sock: _HasFileno, timeout: float = 10.0) -> int:
+async def until_stalled(sock: _HasFileno, timeout: float = 10.0) -> None:
     """:func:`wait_stalled` on an event loop."""
-    probe = functools.partial(receive_queue, sock)
-    return await until(probe, steady(STALL_POLLS), timeout, _STALLED, interval=STALL_INTERVAL)
+    accept = steady(STALL_POLLS)
+    await until(lambda: accept(receive_queue(sock)), _STALLED, timeout, interval=STALL_INTERVAL)
