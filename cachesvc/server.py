@@ -69,6 +69,9 @@ class Service:
 
 
 def cache_options(config: Config) -> CacheOptions:
+    # Config.__post_init__ has replaced "not given" by the default; 0 (no
+    # readahead) goes to the cache as it is.
+    assert config.readahead is not None
     return CacheOptions(
         cache_size=config.cache_size,
         max_dirty=config.max_dirty,

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import pytest
 
+from cachesvc.origins.localpaths import is_temp_name
 from tests.support.content import pattern
 from tests.support.servers import (
     ServerProcess,
@@ -49,6 +50,7 @@ from tests.support.servers import (
     start_cachesvc,
     wait_for_http,
 )
+from tests.support.waiting import wait_stalled, wait_until
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -234,6 +236,16 @@ def start_upload(
     return conn
 
 
+def wait_for_upload(root: Path, name: str, timeout: float = 10.0) -> None:
+    """Waits until the origin holds a temporary file for ``name``: the PUT's
+    handler is running and streams the body to the origin."""
+
+    def uploading() -> bool:
+        return any(is_temp_name(p.name) and p.name.startswith(f".{name}") for p in root.iterdir())
+
+    wait_until(uploading, bool, timeout, f"an upload of {name} reaching the origin")
+
+
 def wait_for_log(server: ServerProcess, text: str, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while text not in server.log():
@@ -256,15 +268,16 @@ def test_sigterm_lets_an_in_flight_request_finish(tmp_path: Path) -> None:
     server = start_cachesvc(str(root), ["--shutdown-grace", "20s"], log_dir=tmp_path / "logs")
     conn = start_upload(server, "upload.bin", len(body), body[: 100 * KiB])
     try:
-        time.sleep(0.3)  # the handler is streaming the body to the origin
+        wait_for_upload(root, "upload.bin")
         server.proc.send_signal(signal.SIGTERM)
         wait_for_log(server, "signal received")
-        # No new connections, while the one in flight goes on.
-        deadline = time.monotonic() + 5
-        while not refused(server.port):
-            assert time.monotonic() < deadline, "still accepting after SIGTERM"
-            time.sleep(0.05)
-        time.sleep(0.3)
+        # No new connections on either listener: the server now waits for the
+        # request in flight, which goes on.
+        wait_until(
+            lambda: refused(server.port) and refused(server.admin_port),
+            bool, 5, "both listeners closed after SIGTERM",
+        )  # fmt: skip
+        assert server.proc.poll() is None, server.log()
         started = time.monotonic()
         conn.send(body[100 * KiB :])
         response = conn.getresponse()
@@ -289,7 +302,7 @@ def test_shutdown_grace_bounds_a_stuck_request(tmp_path: Path) -> None:
     server = start_cachesvc(str(root), ["--shutdown-grace", "1s"], log_dir=tmp_path / "logs")
     conn = start_upload(server, "stuck.bin", MiB, b"x" * KiB)
     try:
-        time.sleep(0.3)
+        wait_for_upload(root, "stuck.bin")
         started = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
         server.proc.wait(timeout=STOP_TIMEOUT)
@@ -314,7 +327,7 @@ def test_shutdown_grace_bounds_a_download_nobody_reads(tmp_path: Path, extra: st
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as conn:
             conn.sendall(f"GET /files/big.bin HTTP/1.1\r\nHost: x\r\n{extra}\r\n".encode())
             assert conn.recv(64).startswith(b"HTTP/1.1 200 ")
-            time.sleep(0.5)  # the body fills the socket buffers; nobody reads
+            wait_stalled(conn)  # nobody reads: the body fills the socket buffers
             started = time.monotonic()
             server.proc.send_signal(signal.SIGTERM)
             server.proc.wait(timeout=STOP_TIMEOUT)

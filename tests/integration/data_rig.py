@@ -35,6 +35,7 @@ from cachesvc.core.memfile import MemoryFile
 from cachesvc.origins.base import Origin
 from cachesvc.origins.local import LocalOrigin
 from tests.support.content import pattern
+from tests.support.waiting import until
 
 T = TypeVar("T")
 KiB = 1 << 10
@@ -64,6 +65,8 @@ class DataServer:
     cache: FileCache | None = None
     site: FastSite | None = None
     metrics: Metrics = field(default_factory=Metrics)
+    in_flight: InFlight | None = None  # requests being handled, both paths
+    local_origin: LocalOrigin | None = None  # under wrap_origin, if any
     _loop: asyncio.AbstractEventLoop | None = None
     _stop: asyncio.Event | None = None
     _thread: threading.Thread | None = None
@@ -92,7 +95,8 @@ class DataServer:
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        origin: Origin = LocalOrigin.open(str(self.root))
+        self.local_origin = LocalOrigin.open(str(self.root))
+        origin: Origin = self.local_origin
         if self.wrap_origin is not None:
             origin = self.wrap_origin(origin)
         memfile = await MemoryFile.create()
@@ -100,6 +104,9 @@ class DataServer:
         cache.start()
         self.cache = cache
         app = make_data_app(cache, self.config, self.metrics)
+        # As in production (server.py): one count for both paths.
+        in_flight = self.in_flight = InFlight()
+        app.middlewares.insert(0, in_flight.middleware())
         runner = web.AppRunner(
             app,
             access_log=None,
@@ -109,7 +116,7 @@ class DataServer:
         )
         await runner.setup()
         # The production listener: connections start on the fast read path.
-        reads = FastReads(app[STATE_KEY], InFlight(), idle_timeout=self.header_timeout)
+        reads = FastReads(app[STATE_KEY], in_flight, idle_timeout=self.header_timeout)
         site = FastSite(runner, "127.0.0.1", 0, reads)
         await site.start()
         self.site = site
@@ -144,6 +151,36 @@ class DataServer:
                 break
             await asyncio.sleep(0.02)
         return counters.mapped_bytes
+
+    async def answered(self) -> int:
+        """Data requests answered so far, however they ended (the
+        ``http_requests`` counter, read on the server's loop)."""
+
+        async def count() -> int:
+            return self._answered_now()
+
+        return await self.call(count)
+
+    def _answered_now(self) -> int:
+        requests = next(iter(self.metrics.requests.collect()))
+        return int(sum(sample.value for sample in requests.samples))
+
+    async def idle(self, *, answered: int = 0, timeout: float = 10.0) -> None:
+        """Waits until at least ``answered`` data requests have been answered,
+        none is in flight (aiohttp's or the fast path's) and the origin runs
+        no job: the server is idle by its own measures, so that a test may
+        assert that something did not happen. Polled on the server's loop."""
+        assert self.in_flight is not None and self.local_origin is not None
+        in_flight, origin = self.in_flight, self.local_origin
+
+        def quiet() -> bool:
+            return (
+                self._answered_now() >= answered
+                and in_flight.count == 0
+                and origin.stats()["jobs"] == 0
+            )
+
+        await self.call(lambda: until(quiet, "the data server idle", timeout), timeout + 5)
 
     def fast_connections(self) -> int:
         """Connections still on the fast read path (not handed to aiohttp)."""

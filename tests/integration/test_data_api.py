@@ -29,6 +29,7 @@ from tests.integration.data_rig import (
     write_file,
 )
 from tests.support.content import pattern
+from tests.support.waiting import until_stalled
 
 SIZE = 10_000
 BIG = 3 * MiB + 12_345  # streamed in several chunks
@@ -528,7 +529,10 @@ async def test_a_slow_client_gets_the_whole_body(
         assert resp.status == 200
         while len(received) < HUGE - 8 * MiB:
             received += await resp.content.read(MiB)
-        await asyncio.sleep(0.5)
+        # Read nothing more until the server has stalled on us (the client
+        # pausing is the behaviour under test; the stall ends the pause).
+        assert resp.connection is not None and resp.connection.transport is not None
+        await until_stalled(resp.connection.transport.get_extra_info("socket"))
         while chunk := await resp.content.read(MiB):
             received += chunk
     assert received == pattern(5, 0, HUGE)
@@ -540,12 +544,15 @@ async def test_a_client_that_reads_nothing_is_cut_off(
 ) -> None:
     monkeypatch.setattr(responses, "SEND_IDLE_TIMEOUT", 0.5)
     write_file(server.root / "huge.bin", 5, HUGE)
+    answered = await server.answered()
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     try:
         head = "".join(f"{k}: {v}\r\n" for k, v in via.items())
         writer.write(f"GET /files/huge.bin HTTP/1.1\r\nHost: x\r\n{head}\r\n".encode())
         await writer.drain()
-        await asyncio.sleep(1.5)  # reads nothing for three timeouts
+        # Read nothing until the server has given up on the answer (the send
+        # timeout under test) and is idle again.
+        await server.idle(answered=answered + 1, timeout=20 * responses.SEND_IDLE_TIMEOUT)
         received = 0
         async with asyncio.timeout(30):
             while chunk := await reader.read(MiB):

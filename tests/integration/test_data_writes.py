@@ -5,7 +5,6 @@ changes, preconditions on writes, 413/415, and all-or-nothing bodies.
 
 from __future__ import annotations
 
-import asyncio
 import io
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -416,6 +415,7 @@ async def test_partial_body_ending_early_applies_nothing(
     server: DataServer, session: aiohttp.ClientSession
 ) -> None:
     before = await etag_of(session, server, "/files/f.bin")
+    answered = await server.answered()
     for head in (
         "PUT /files/f.bin HTTP/1.1\r\nContent-Range: bytes 0-99/*\r\n",
         f"PATCH /files/f.bin HTTP/1.1\r\nContent-Type: {SABRE}\r\nX-Update-Range: bytes=0-99\r\n",
@@ -423,7 +423,8 @@ async def test_partial_body_ending_early_applies_nothing(
     ):
         request = f"{head}Host: x\r\nContent-Length: 100\r\n\r\n".encode() + b"Q" * 40
         await raw_exchange(server.port, request)
-    await asyncio.sleep(0.2)
+    # All three answered and nothing left running: nothing can apply later.
+    await server.idle(answered=answered + 3)
     assert await body_of(session, server, "/files/f.bin") == pattern(1, 0, SIZE)
     assert await etag_of(session, server, "/files/f.bin") == before
     assert (server.root / "f.bin").read_bytes() == pattern(1, 0, SIZE)
@@ -434,12 +435,14 @@ async def test_interrupted_full_put_keeps_old_content(
     server: DataServer, session: aiohttp.ClientSession
 ) -> None:
     size = 3 * MiB
+    answered = await server.answered()
     request = (
         f"PUT /files/f.bin HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n".encode()
         + b"N" * (size // 2)
     )
     await raw_exchange(server.port, request)
-    await asyncio.sleep(0.2)
+    # Answered, and the temporary file's removal (an origin job) done.
+    await server.idle(answered=answered + 1)
     assert await body_of(session, server, "/files/f.bin") == pattern(1, 0, SIZE)
     assert sorted(p.name for p in server.root.iterdir()) == ["f.bin", "ten"]  # no temp files
     # And the service still works.

@@ -22,6 +22,7 @@ import pytest
 from cachesvc.origins.base import Origin
 from tests.integration.data_rig import DataServer, KiB, MiB, serving, write_file
 from tests.support.origins import TestOrigin
+from tests.support.waiting import until, until_stalled
 
 SMALL = 10_000
 LARGE = MiB + 300 * KiB  # above SMALL_BODY: streamed in one mapping
@@ -245,7 +246,8 @@ async def test_streamed_answers_keep_their_order_and_the_connection(
         + request("GET", "/files/huge.bin", "Range: bytes=5000000-")
         + request("HEAD", "/files/huge.bin")
     )
-    await asyncio.sleep(0.3)  # read nothing for a while: the first body waits
+    # Read nothing until the server has stalled on us: the first body waits.
+    await until_stalled(connection.writer.get_extra_info("socket"))
     assert (await connection.answer()).body == huge
     assert (await connection.answer()).body == small[:10]
     third = await connection.answer()
@@ -308,8 +310,10 @@ async def test_a_write_is_seen_by_the_next_fast_read(server: DataServer, connect
 async def test_an_incomplete_head_goes_to_aiohttp(server: DataServer, connect: object) -> None:
     connection = await connect()  # type: ignore[operator]
     whole = request("GET", "/files/f.bin", "Range: bytes=0-9")
+    await until(lambda: server.fast_connections() == 1, "the connection accepted", TIMEOUT)
     await connection.send(whole[:20])
-    await asyncio.sleep(0.2)
+    # The fast path hands the incomplete head to aiohttp before the rest comes.
+    await until(lambda: server.fast_connections() == 0, "the hand-off to aiohttp", TIMEOUT)
     await connection.send(whole[20:])
     answer = await connection.answer()
     assert answer.body == (server.root / "f.bin").read_bytes()[:10]

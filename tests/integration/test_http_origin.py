@@ -245,6 +245,7 @@ class RawServer:
     url: str
     requests: list[Request] = field(default_factory=list)
     connections: int = 0  # accepted so far
+    closed: int = 0  # closed by the server so far (its last bytes sent or refused)
 
 
 @contextlib.asynccontextmanager
@@ -277,6 +278,7 @@ async def raw_server(
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
+            box[0].closed += 1
 
     server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=tls)
     port = server.sockets[0].getsockname()[1]
@@ -362,7 +364,7 @@ async def test_503_is_retried_then_unavailable() -> None:
 
 async def test_timeout_is_origin_timeout() -> None:
     async def handler(req: Request, writer: asyncio.StreamWriter) -> bool:
-        await asyncio.sleep(5)
+        await asyncio.sleep(5)  # an origin that does not answer: read_timeout is under test
         return False
 
     async with raw_server(handler) as srv:

@@ -29,6 +29,7 @@ from tests.integration.test_http_origin import (
     raw_server,
     read,
 )
+from tests.support.waiting import until
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -143,7 +144,8 @@ async def test_idle_connection_closed_by_the_server_is_replaced_at_once() -> Non
     async with scripted(handler) as srv:
         async with origin_on(srv, retries=0) as o:
             assert await read(o, "f", 0, 10) == DATA[:10]
-            await asyncio.sleep(0.05)  # the close reaches the client
+            # The server has closed it; polling lets the client's loop see the end.
+            await until(lambda: srv.closed, "the server closing the connection")
             assert await read(o, "f", 10, 10) == DATA[10:20]
         assert srv.connections == 2
 
@@ -165,7 +167,7 @@ async def test_stalled_body_times_out() -> None:
         whole = ranged(head)
         writer.write(whole[: len(whole) // 2])
         await writer.drain()
-        await asyncio.sleep(3)
+        await asyncio.sleep(3)  # the body stalls: read_timeout is under test
         return False
 
     async with scripted(handler) as srv:
@@ -191,16 +193,15 @@ async def test_a_cancelled_read_writes_nothing_more_into_the_buffers() -> None:
         buf = bytearray(200_000)
         try:
             task = asyncio.create_task(o.read_into("f", 0, [memoryview(buf)]))
-            for _ in range(200):  # until the first half has arrived
-                await asyncio.sleep(0.01)
-                if any(buf[90_000:99_000]):
-                    break
+            await until(lambda: any(buf[90_000:99_000]), "the first half arriving")
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
             snapshot = bytes(buf)
             more.set()
-            await asyncio.sleep(0.2)
+            # The server has sent the second half (or found the connection
+            # gone) and closed it: nothing more can arrive.
+            await until(lambda: srv.closed, "the server closing the connection")
             assert bytes(buf) == snapshot
             assert not any(buf[110_000:])
             assert await read(o, "f", 0, 1000) == DATA[:1000]  # on a new connection

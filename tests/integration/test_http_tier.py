@@ -161,6 +161,8 @@ async def test_upper_revalidates_after_a_change_on_the_lower(
     if time.monotonic() - validated < 0.8:  # still inside --revalidate 1s
         assert body == old, "the upper tier should serve its cached copy"
 
+    # The timer under test: --revalidate 1s must pass before the upper asks
+    # the lower again (it asks on the next read, not by itself).
     await asyncio.sleep(max(0.0, validated + 1.2 - time.monotonic()))
     status, body, etag = await get(http, url)
     assert (status, body) == (200, new)

@@ -57,10 +57,10 @@ from tests.support.deploy import (
     running_balancer,
     running_prometheus_config,
     selector_labels,
-    wait_until,
 )
 from tests.support.prometheus import PrometheusServer
 from tests.support.servers import ServerProcess, start_cachesvc
+from tests.support.waiting import wait_until
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -77,6 +77,7 @@ NGINX_CONF = (DOCKER / "nginx.conf").read_text()
 MAX_FAILS = int(re.findall(r"^\s*server\s.*\bmax_fails=(\d+)", NGINX_CONF, re.MULTILINE)[0])
 # Prometheus scrapes every 5 s (docker/prometheus.yml): a few intervals.
 PROMETHEUS_WAIT = 30.0
+PROMETHEUS_POLL = 0.25  # seconds between two queries while waiting
 
 
 @dataclass
@@ -383,6 +384,7 @@ async def test_dashboard_metrics_exist_live(stack: Stack, written: Written) -> N
         lambda empty: not empty,
         PROMETHEUS_WAIT,
         "data for every dashboard query",
+        interval=PROMETHEUS_POLL,
     )
     instances = {
         s["metric"]["instance"] for s in stack.prometheus.query("cachesvc_memory_limit_bytes")
@@ -398,6 +400,7 @@ async def test_node_loss(stack: Stack, written: Written) -> None:
         lambda up: up == {name: 1.0 for name in NODES},
         PROMETHEUS_WAIT,
         "every node up in Prometheus",
+        interval=PROMETHEUS_POLL,
     )
     owner = {entry.path: entry.upstreams[0] for entry in written.routed}
     moved = {path for path, name in owner.items() if name == KILLED}
@@ -465,4 +468,5 @@ async def test_node_loss(stack: Stack, written: Written) -> None:
         lambda up: up == expected,
         PROMETHEUS_WAIT,
         f"{KILLED} down in Prometheus",
+        interval=PROMETHEUS_POLL,
     )

@@ -28,10 +28,9 @@ import re
 import shutil
 import signal
 import subprocess
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import yaml
@@ -55,8 +54,6 @@ DESIGN_METRICS: dict[str, frozenset[str]] = {
 HISTOGRAMS = {series_name(s) for s, (kind, _) in METRICS.items() if kind == "histogram"}
 # Labels Prometheus attaches to every scraped series.
 TARGET_LABELS = frozenset({"instance", "job"})
-
-T = TypeVar("T")
 
 
 def require_tool(name: str) -> str:
@@ -224,19 +221,6 @@ def running_prometheus_config(
             stop_process(proc, signal.SIGTERM, 15.0, group=True)
         return
     raise RuntimeError(f"prometheus did not start:\n{log_path.read_text(errors='replace')}")
-
-
-def wait_until(probe: Callable[[], T], accept: Callable[[T], bool], timeout: float, what: str) -> T:
-    """Calls `probe()` until `accept` takes its result, which it returns.
-    Raises TimeoutError naming `what` and the last result."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = probe()
-        if accept(result):
-            return result
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"{what} not within {timeout}s; last: {result!r}")
-        time.sleep(0.25)
 
 
 # --- Grafana ---------------------------------------------------------------------------

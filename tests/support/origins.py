@@ -50,7 +50,7 @@ class TestOrigin:
     async def _enter(self, op: str, *, write: bool = False) -> None:
         self.calls[op] += 1
         if self.delay:
-            await asyncio.sleep(self.delay)
+            await asyncio.sleep(self.delay)  # a slow origin: the latency is the knob
         if write and self.fail_writes is not None:
             raise self.fail_writes
 

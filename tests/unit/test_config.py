@@ -26,7 +26,7 @@ from cachesvc.config import (
     detect_memory_limit,
     load_config,
 )
-from cachesvc.config_values import (
+from cachesvc.config.values import (
     GiB,
     HostPort,
     KiB,
@@ -339,6 +339,64 @@ def test_cross_field_rules(args: list[str], flag: str, words: str) -> None:
 def test_both_listeners_on_port_zero_are_allowed() -> None:
     config = load(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
     assert config.listen.port == config.admin_listen.port == 0
+
+
+# --- --readahead 0: no readahead (issue 18) -----------------------------------
+
+
+@pytest.mark.parametrize("zero", ["0", "0KiB"])
+def test_readahead_zero_from_flag_and_environment_is_kept(zero: str) -> None:
+    assert load(["--readahead", zero]).readahead == 0
+    assert load(env={"CACHESVC_READAHEAD": zero}).readahead == 0
+    # A flag of 0 still overrides the environment, and the other way round.
+    assert load(["--readahead", zero], {"CACHESVC_READAHEAD": "1MiB"}).readahead == 0
+    assert load(["--readahead", "1MiB"], {"CACHESVC_READAHEAD": zero}).readahead == 1 * MiB
+
+
+@pytest.mark.parametrize("value", ["0", '"0"', '"0B"'])
+def test_readahead_zero_from_toml_is_kept(value: str, tmp_path: Path) -> None:
+    path = write_toml(tmp_path, f"readahead = {value}\n")
+    assert load(["--config", path]).readahead == 0
+    assert load(env={CONFIG_ENV: path}).readahead == 0
+
+
+@pytest.mark.parametrize(
+    ("cache_size", "readahead"),
+    [("8GiB", 16 * MiB), ("64MiB", 8 * MiB), ("1MiB", 128 * KiB)],
+)
+def test_readahead_absent_everywhere_gets_the_default(
+    cache_size: str, readahead: int, tmp_path: Path
+) -> None:
+    path = write_toml(tmp_path, "max_ranges = 3\n")  # a file that does not set it
+    config = load(["--cache-size", cache_size, "--config", path], {"CACHESVC_READAHEAD": ""})
+    assert config.readahead == readahead
+    assert Config(cache_size=config.cache_size).readahead == readahead
+
+
+def test_readahead_zero_reaches_the_cache_unchanged() -> None:
+    from cachesvc.server import cache_options
+
+    assert cache_options(load(["--readahead", "0"])).readahead == 0
+    assert cache_options(load(["--cache-size", "64MiB"])).readahead == 8 * MiB
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [("4KiB", "4KiB"), ("1", "4KiB"), ("60KiB", "60KiB")],  # rounded up to a page
+)
+def test_readahead_between_zero_and_the_minimum_is_refused(value: str, shown: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(["--readahead", value])
+    assert info.value.flag == "--readahead"
+    assert info.value.message == f"must be 0 (no readahead) or at least 64KiB, got {shown}"
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_main_refuses_readahead_of_one_page(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["serve", "--readahead", "4KiB"]) == 2
+    assert capsys.readouterr().err == (
+        "cachesvc: error: --readahead: must be 0 (no readahead) or at least 64KiB, got 4KiB\n"
+    )
 
 
 def test_config_direct_construction_and_repr() -> None:

@@ -10,7 +10,7 @@ Precedence: flag > environment (``CACHESVC_<FLAG_IN_CAPS>``) > TOML file
 (``--config PATH`` or ``CACHESVC_CONFIG``) > default.
 
 Value syntax (sizes, durations, addresses, origins) is that of the parsers
-in :mod:`cachesvc.config_values`. Per source:
+in :mod:`cachesvc.config.values`. Per source:
 
 - durations: at most a year.
 - booleans: ``--read-only`` / ``--no-read-only`` on the command line,
@@ -23,9 +23,10 @@ in :mod:`cachesvc.config_values`. Per source:
   (bytes, seconds) or strings; an unknown key is an error.
 
 Defaults that are computed: ``--cache-size`` is min(1 GiB, a quarter of the
-memory limit), the limit being the cgroup's (v2 ``memory.max`` or v1
-``memory.limit_in_bytes``, the smallest along the process's cgroup path) or
-else the machine's MemTotal; ``--max-dirty`` is half of the cache size.
+memory limit, see :mod:`cachesvc.config.hostlimits`); ``--max-dirty`` is half
+of the cache size; ``--readahead``, when not given at all, is 16 MiB, at most
+an eighth of the cache size, at least 64 KiB (given as 0 it turns readahead
+off: fills cover only the request's own pages).
 
 Cross-field rules: an admin listener on a non-loopback address needs
 ``--admin-token``; ``--max-dirty`` and ``--readahead`` may not exceed
@@ -40,16 +41,20 @@ import argparse
 import dataclasses
 import difflib
 import math
-import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
-from pathlib import Path
 from typing import Any, Literal
 
-from cachesvc.config_values import (
-    GiB,
+from cachesvc.config.hostlimits import (
+    MIN_CACHE_SIZE,
+    default_cache_size,
+    detect_memory_limit,
+    detected_cache_size,
+)
+from cachesvc.config.values import (
+    HostPort,
     KiB,
     MiB,
     choice_parser,
@@ -65,36 +70,27 @@ from cachesvc.config_values import (
     parse_text,
     parse_token,
 )
-from cachesvc.config_values import HostPort as HostPort
-
-# HostPort is re-exported ("as" import above): it is the type of
-# Config.listen and Config.admin_listen.
+from cachesvc.core.fills import MIN_READAHEAD
+from cachesvc.core.memfile import PAGE_SIZE
 
 WriteMode = Literal["writeback", "writethrough"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["text", "json"]
 
-PAGE_SIZE = 4096
-
 ENV_PREFIX = "CACHESVC_"
 CONFIG_ENV = "CACHESVC_CONFIG"
 
 # Minimums for sizes: below these the cache cannot do useful work.
-MIN_CACHE_SIZE = 1 * MiB
-MIN_READAHEAD = 64 * KiB  # the reference design's fixed readahead window
+# (--cache-size's is MIN_CACHE_SIZE, in hostlimits; --readahead's,
+# MIN_READAHEAD, is the core's smallest fill window.)
 MIN_MAX_DIRTY = 64 * KiB
 # The default largest readahead window. A streamed read keeps up to three
 # windows ahead of the reader; against a 2 ms origin (benchmarks/origin_bench.py,
 # 2026-11-22, 2 x 7 rounds) a cold 64 MiB read took a median 0.166-0.175 s
 # with 16 MiB windows and 0.191-0.222 s with 4 MiB.
 DEFAULT_READAHEAD = 16 * MiB
-DEFAULT_CACHE_SIZE_CAP = 1 * GiB
 MAX_SIZE = 2**63 - 1
 MAX_DURATION = 365 * 24 * 3600.0
-
-# cgroup v1 reports "no limit" as a huge page-rounded number; anything at or
-# above this is treated as unlimited.
-_CGROUP_V1_UNLIMITED = 1 << 60
 
 _DEFAULT_LISTEN = HostPort("127.0.0.1", 8080)
 _DEFAULT_ADMIN_LISTEN = HostPort("127.0.0.1", 9090)
@@ -110,86 +106,7 @@ class ConfigError(Exception):
 
 
 # ---------------------------------------------------------------------------
-# Memory limit detection (for the default cache size)
-
-
-def _read_text(path: Path) -> str | None:
-    try:
-        return path.read_text()
-    except OSError:
-        return None
-
-
-def _cgroup_dirs(root: Path, cgroup_path: str) -> list[Path]:
-    """``root/cgroup_path`` and each of its ancestors up to ``root`` itself.
-
-    In a container the path in /proc/self/cgroup may name the host's view of
-    the hierarchy while the container sees its own cgroup at the mount root;
-    walking up to the root covers both.
-    """
-    parts = [part for part in cgroup_path.split("/") if part and part not in (".", "..")]
-    return [root.joinpath(*parts[:n]) for n in range(len(parts), -1, -1)]
-
-
-def _cgroup_limit(cgroup_root: Path, proc_cgroup: Path) -> int | None:
-    """The smallest memory limit along this process's cgroup path (v2, then
-    v1 hierarchy); None when unlimited or unknown."""
-    text = _read_text(proc_cgroup) or ""
-    v2_path: str | None = None
-    v1_path: str | None = None
-    for line in text.splitlines():
-        hierarchy_id, _, rest = line.partition(":")
-        controllers, _, cgroup_path = rest.partition(":")
-        if hierarchy_id == "0" and controllers == "":
-            v2_path = cgroup_path
-        elif "memory" in controllers.split(","):
-            v1_path = cgroup_path
-    limits: list[int] = []
-    candidates = [(d / "memory.max", False) for d in _cgroup_dirs(cgroup_root, v2_path or "/")]
-    candidates += [
-        (d / "memory.limit_in_bytes", True)
-        for d in _cgroup_dirs(cgroup_root / "memory", v1_path or "/")
-    ]
-    for limit_file, is_v1 in candidates:
-        value = (_read_text(limit_file) or "").strip()
-        if not value.isascii() or not value.isdigit():  # missing, unreadable, or "max"
-            continue
-        limit = int(value)
-        if limit > 0 and not (is_v1 and limit >= _CGROUP_V1_UNLIMITED):
-            limits.append(limit)
-    return min(limits) if limits else None
-
-
-def _mem_total(meminfo: Path) -> int | None:
-    for line in (_read_text(meminfo) or "").splitlines():
-        match = re.fullmatch(r"MemTotal:\s+(\d+)\s+kB", line.strip())
-        if match:
-            return int(match.group(1)) * KiB
-    return None
-
-
-def detect_memory_limit(
-    cgroup_root: Path = Path("/sys/fs/cgroup"),
-    proc_cgroup: Path = Path("/proc/self/cgroup"),
-    meminfo: Path = Path("/proc/meminfo"),
-) -> int | None:
-    """The memory this process may use: the smaller of its cgroup limit
-    (v2 or v1) and the machine's MemTotal; None when neither can be read."""
-    found = [
-        limit
-        for limit in (_cgroup_limit(cgroup_root, proc_cgroup), _mem_total(meminfo))
-        if limit is not None
-    ]
-    return min(found) if found else None
-
-
-def default_cache_size(memory_limit: int | None) -> int:
-    """min(1 GiB, a quarter of ``memory_limit``), page-aligned, at least 1 MiB;
-    1 GiB when the limit is unknown."""
-    if memory_limit is None:
-        return DEFAULT_CACHE_SIZE_CAP
-    quarter = memory_limit // 4 // PAGE_SIZE * PAGE_SIZE
-    return max(MIN_CACHE_SIZE, min(DEFAULT_CACHE_SIZE_CAP, quarter))
+# Defaults computed from other settings
 
 
 def default_readahead(cache_size: int) -> int:
@@ -197,11 +114,6 @@ def default_readahead(cache_size: int) -> int:
     at least MIN_READAHEAD."""
     eighth = cache_size // 8 // PAGE_SIZE * PAGE_SIZE
     return max(MIN_READAHEAD, min(DEFAULT_READAHEAD, eighth))
-
-
-def detected_cache_size() -> int:
-    """The default cache size for this process's memory limit."""
-    return default_cache_size(detect_memory_limit())
 
 
 # ---------------------------------------------------------------------------
@@ -227,7 +139,9 @@ class Config:
     write_mode: WriteMode = "writeback"
     dirty_expire: float = 30.0  # seconds
     max_dirty: int = 0  # bytes; 0 (the default) becomes cache_size // 2
-    readahead: int = 0  # bytes, page-aligned; 0 (the default): see default_readahead
+    # bytes, page-aligned; 0: no readahead, fills cover only the request's own
+    # pages; None (not given) becomes default_readahead(cache_size).
+    readahead: int | None = None
     max_ranges: int = 64
     max_partial_write: int = 64 * MiB  # bytes
     revalidate: float = 60.0  # seconds
@@ -242,12 +156,12 @@ class Config:
     def __post_init__(self) -> None:
         if self.max_dirty == 0:
             object.__setattr__(self, "max_dirty", max(MIN_MAX_DIRTY, self.cache_size // 2))
-        if self.readahead == 0:
-            object.__setattr__(self, "readahead", default_readahead(self.cache_size))
+        readahead = default_readahead(self.cache_size) if self.readahead is None else self.readahead
+        object.__setattr__(self, "readahead", readahead)
         size = format_size(self.cache_size)
         if self.max_dirty > self.cache_size:
             raise ConfigError("--max-dirty", f"must not exceed --cache-size ({size})")
-        if self.readahead > self.cache_size:
+        if readahead > self.cache_size:
             raise ConfigError("--readahead", f"must not exceed --cache-size ({size})")
         if not self.admin_listen.is_loopback and not self.admin_token:
             raise ConfigError(
@@ -275,6 +189,7 @@ class Option:
     show: Callable[[Any], str] = str  # renders the default for --help
     default_text: Callable[[], str] | None = None  # replaces show(default) in --help
     minimum: float | None = None
+    zero: str | None = None  # what 0 means, when 0 is allowed below the minimum
     maximum: float | None = None
     align: int = 1  # values are rounded up to a multiple of this
     numeric: bool = False  # TOML may give an int or float instead of a string
@@ -309,8 +224,13 @@ class Option:
         """Bounds and alignment of a parsed value; ValueError on failure."""
         if self.align > 1:
             value = -(-value // self.align) * self.align
+        if value == 0 and self.zero is not None:
+            return value
         if self.minimum is not None and value < self.minimum:
-            raise ValueError(f"must be at least {self.show(self.minimum)}, got {self.show(value)}")
+            least = f"at least {self.show(self.minimum)}"
+            if self.zero is not None:
+                least = f"0 ({self.zero}) or {least}"
+            raise ValueError(f"must be {least}, got {self.show(value)}")
         if self.maximum is not None and value > self.maximum:
             raise ValueError(f"must be at most {self.show(self.maximum)}, got {self.show(value)}")
         return value
@@ -381,8 +301,13 @@ OPTIONS: tuple[Option, ...] = (
         "back the cache with this file (e.g. on tmpfs) instead of an anonymous memfd",
         "cache", "PATH",
     ),
-    _size("readahead", "largest readahead window (rounded up to 4KiB)", "cache", MIN_READAHEAD,
-          align=PAGE_SIZE, default_text=lambda: "16MiB, at most an eighth of --cache-size"),
+    _size(
+        "readahead",
+        "largest readahead window (rounded up to 4KiB; 0: none, fills cover only the"
+        " request's own pages)",
+        "cache", MIN_READAHEAD, align=PAGE_SIZE, zero="no readahead",
+        default_text=lambda: "16MiB, at most an eighth of --cache-size",
+    ),
     _duration(
         "revalidate", "how long cached data is trusted before the origin is asked again",
         "cache",

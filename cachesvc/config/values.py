@@ -17,7 +17,7 @@ Syntax:
   ``s3://bucket/prefix``.
 
 Bounds (minimums, maximums, alignment) are not checked here: they belong to
-each setting, in :data:`cachesvc.config.OPTIONS`.
+each setting, in :data:`cachesvc.config.options.OPTIONS`.
 """
 
 from __future__ import annotations
