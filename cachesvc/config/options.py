@@ -70,7 +70,7 @@ from cachesvc.config.values import (
     parse_text,
     parse_token,
 )
-from cachesvc.core.fills import MIN_READAHEAD
+from cachesvc.core.fillplan import MIN_READAHEAD
 from cachesvc.core.memfile import PAGE_SIZE
 
 WriteMode = Literal["writeback", "writethrough"]

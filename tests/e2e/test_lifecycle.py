@@ -41,7 +41,7 @@ from pathlib import Path
 
 import pytest
 
-from cachesvc.origins.localpaths import is_temp_name
+from cachesvc.origins.local.paths import is_temp_name
 from tests.support.content import pattern
 from tests.support.servers import (
     ServerProcess,
