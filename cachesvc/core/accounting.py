@@ -19,6 +19,7 @@ class CacheCounters:
     miss_bytes: int = 0  # bytes that had to be filled from the origin
     bypass_bytes: int = 0  # origin bytes served without caching (no room in the budget)
     room_refusals: int = 0  # reservations refused for lack of room (NoRoom)
+    cached_bytes: int = 0  # bytes of cached pages, all files
     mapped_bytes: int = 0  # page-cache bytes held by at least one mapping
     dirty_bytes: int = 0  # cached bytes newer than the origin
     evictions: int = 0  # extents evicted (that dropped at least one page)

@@ -426,10 +426,10 @@ class FileCache:
 
     @property
     def evictable_bytes(self) -> int:
-        """Cached bytes eviction could take now, estimated: those the policy
-        tracks less mapped and dirty bytes."""
-        busy = self._counters.mapped_bytes + self._counters.dirty_bytes
-        return max(0, self._policy.tracked_bytes - busy)
+        """Cached bytes eviction may take: neither mapped (responses, pins,
+        fills' waiters) nor dirty."""
+        counters = self._counters
+        return max(0, counters.cached_bytes - counters.mapped_bytes - counters.dirty_bytes)
 
     async def evict_all(self, *, wait: bool) -> int:
         """Evicts everything evictable; with ``wait``, returns once the memory

@@ -418,6 +418,7 @@ class FillingInode(InodeState):
         memfile = self.host.memfile
         limit = page_up(self.attr.size)
         kept = self.cache_set.fill(memfile, fill.range, memory.start, limit)
+        self.host.counters.cached_bytes += sum(r.length for r in kept)
         if sum(r.length for r in kept) < memory.length:
             self.host.budget.note_released()
         # What a reader asked for is used, and held for the waiters until they

@@ -133,6 +133,7 @@ class CachingInode(WritebackInode):
             for gap in self.cache_set.gaps(page_range(offset, end)):
                 memory = await memfile.allocate(gap.length, MemoryKind.PAGE_CACHE)
                 self.cache_set.insert(gap, memory.start)
+                self.host.counters.cached_bytes += gap.length
                 allocated.append(gap)
             self._track_extents_locked(allocated)
         else:
@@ -187,6 +188,7 @@ class CachingInode(WritebackInode):
         if size < old:
             self._clear_dirty_locked(Range(size, END))
             dropped = self.cache_set.truncate(self.host.memfile, size)
+            self.host.counters.cached_bytes -= sum(r.length for r in dropped)
             self._track_extents_locked([*dropped, page_range(size, size + 1)])
             if dropped:
                 self.host.budget.note_released()

@@ -422,6 +422,7 @@ class InodeState:
         pieces = [rng] if dirty_too else self.dirty.clean_pages(rng)
         memfile = self.host.memfile
         dropped = [d for piece in pieces for d in self.cache_set.drop(memfile, piece)]
+        self.host.counters.cached_bytes -= sum(d.length for d in dropped)
         if dirty_too:
             self._clear_dirty_locked(rng)
         self._track_extents_locked(dropped)

@@ -147,6 +147,7 @@ class CacheModel(RuleBasedStateMachine):
         files = cache.files()
         assert cache.counters.dirty_bytes == sum(f.dirty.total_length for f in files)
         assert cache.counters.mapped_bytes == sum(f.mappings.total_length for f in files)
+        assert cache.counters.cached_bytes == sum(f.cache_set.total_length for f in files)
         self.rig.memfile.check_invariants()
         cache.policy.check_invariants()
         assert cache.page_cache_bytes <= CACHE_SIZE + budget_slack(CACHE_SIZE)
