@@ -73,6 +73,8 @@ def cache_options(config: Config) -> CacheOptions:
     # readahead) goes to the cache as it is.
     assert config.readahead is not None
     return CacheOptions(
+        eviction_policy=config.eviction_policy,
+        max_pinned=config.max_pinned,
         cache_size=config.cache_size,
         max_dirty=config.max_dirty,
         dirty_expire=config.dirty_expire,

@@ -26,13 +26,14 @@ Defaults that are computed: ``--cache-size`` is min(1 GiB, a quarter of the
 memory limit, see :mod:`cachesvc.config.hostlimits`); ``--max-dirty`` is half
 of the cache size; ``--readahead``, when not given at all, is 16 MiB, at most
 an eighth of the cache size, at least 64 KiB (given as 0 it turns readahead
-off: fills cover only the request's own pages).
+off: fills cover only the request's own pages); ``--max-pinned`` is half of
+the cache size (given as 0, pins are refused).
 
 Cross-field rules: an admin listener on a non-loopback address needs
-``--admin-token``; ``--max-dirty`` and ``--readahead`` may not exceed
-``--cache-size``; the two listeners need different addresses. (A data
-listener on a non-loopback address without ``--write-token`` is allowed:
-writes are then refused at request time, see DESIGN.md.)
+``--admin-token``; ``--max-dirty``, ``--readahead`` and ``--max-pinned`` may
+not exceed ``--cache-size``; the two listeners need different addresses. (A
+data listener on a non-loopback address without ``--write-token`` is
+allowed: writes are then refused at request time, see api/writes.py.)
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ from cachesvc.config.values import (
     parse_text,
     parse_token,
 )
+from cachesvc.core.eviction import DEFAULT_POLICY, POLICIES
 from cachesvc.core.fillplan import MIN_READAHEAD
 from cachesvc.core.memfile import PAGE_SIZE
 
@@ -142,6 +144,10 @@ class Config:
     # bytes, page-aligned; 0: no readahead, fills cover only the request's own
     # pages; None (not given) becomes default_readahead(cache_size).
     readahead: int | None = None
+    eviction_policy: str = DEFAULT_POLICY
+    # bytes operator pins may hold; 0: no pins; None (not given) becomes
+    # half of cache_size.
+    max_pinned: int | None = None
     max_ranges: int = 64
     max_partial_write: int = 64 * MiB  # bytes
     revalidate: float = 60.0  # seconds
@@ -158,11 +164,15 @@ class Config:
             object.__setattr__(self, "max_dirty", max(MIN_MAX_DIRTY, self.cache_size // 2))
         readahead = default_readahead(self.cache_size) if self.readahead is None else self.readahead
         object.__setattr__(self, "readahead", readahead)
+        max_pinned = self.cache_size // 2 if self.max_pinned is None else self.max_pinned
+        object.__setattr__(self, "max_pinned", max_pinned)
         size = format_size(self.cache_size)
         if self.max_dirty > self.cache_size:
             raise ConfigError("--max-dirty", f"must not exceed --cache-size ({size})")
         if readahead > self.cache_size:
             raise ConfigError("--readahead", f"must not exceed --cache-size ({size})")
+        if max_pinned > self.cache_size:
+            raise ConfigError("--max-pinned", f"must not exceed --cache-size ({size})")
         if not self.admin_listen.is_loopback and not self.admin_token:
             raise ConfigError(
                 "--admin-listen",
@@ -307,6 +317,18 @@ OPTIONS: tuple[Option, ...] = (
         " request's own pages)",
         "cache", MIN_READAHEAD, align=PAGE_SIZE, zero="no readahead",
         default_text=lambda: "16MiB, at most an eighth of --cache-size",
+    ),
+    Option(
+        "eviction_policy", choice_parser(*POLICIES),
+        "which cached extents go first when the budget is short: s3fifo (scan-resistant)"
+        " or lru",
+        "cache", "{" + ",".join(POLICIES) + "}",
+    ),
+    _size(
+        "max_pinned",
+        "most bytes operator pins may hold (a pin beyond it is refused with 507; 0: no pins)",
+        "cache", PAGE_SIZE, align=PAGE_SIZE, zero="no pins",
+        default_text=lambda: "half of --cache-size",
     ),
     _duration(
         "revalidate", "how long cached data is trusted before the origin is asked again",

@@ -79,6 +79,8 @@ SAMPLES: dict[str, tuple[str | None, object, object]] = {
     "cache_size": ("3GiB", "3GiB", 3 * GiB),
     "memory_file": ("/dev/shm/cachesvc", "/dev/shm/cachesvc", "/dev/shm/cachesvc"),
     "readahead": ("1MiB", 1048576, 1 * MiB),
+    "eviction_policy": ("lru", "lru", "lru"),
+    "max_pinned": ("8MiB", "8MiB", 8 * MiB),
     "revalidate": ("5m", 300, 300.0),
     "write_mode": ("writethrough", "writethrough", "writethrough"),
     "dirty_expire": ("500ms", 0.5, 0.5),
@@ -325,6 +327,7 @@ def test_non_loopback_data_listener_without_token_is_allowed() -> None:
     [
         (["--cache-size", "1GiB", "--max-dirty", "2GiB"], "--max-dirty", "not exceed"),
         (["--cache-size", "1MiB", "--readahead", "2MiB"], "--readahead", "not exceed"),
+        (["--cache-size", "1MiB", "--max-pinned", "2MiB"], "--max-pinned", "not exceed"),
         (["--listen", "127.0.0.1:7000", "--admin-listen", "127.0.0.1:7000"], "--admin-listen",
          "same address"),
     ],
@@ -397,6 +400,18 @@ def test_main_refuses_readahead_of_one_page(capsys: pytest.CaptureFixture[str]) 
     assert capsys.readouterr().err == (
         "cachesvc: error: --readahead: must be 0 (no readahead) or at least 64KiB, got 4KiB\n"
     )
+
+
+def test_memory_options_reach_the_cache() -> None:
+    from cachesvc.server import cache_options
+
+    options = cache_options(load(["--cache-size", "64MiB"]))
+    assert (options.eviction_policy, options.max_pinned) == ("s3fifo", 32 * MiB)
+    options = cache_options(load(["--eviction-policy", "lru", "--max-pinned", "0"]))
+    assert (options.eviction_policy, options.max_pinned) == ("lru", 0)
+    with pytest.raises(ConfigError) as info:
+        load(["--eviction-policy", "mru"])
+    assert info.value.flag == "--eviction-policy"
 
 
 def test_config_direct_construction_and_repr() -> None:
