@@ -69,6 +69,7 @@ import os
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import accumulate
 from pathlib import Path
 
@@ -257,7 +258,7 @@ FULL = Scale(
     stream_file=8 * MiB,
 )  # fmt: skip
 QUICK = Scale(
-    files=1500, requests=4_000, loop_bytes=16 * MiB, loop_passes=4, streams=8,
+    files=1500, requests=6_000, loop_bytes=16 * MiB, loop_passes=4, streams=8,
     stream_file=8 * MiB,
 )  # fmt: skip
 
@@ -449,14 +450,12 @@ def synthetic_suite(scale: Scale, only: Sequence[str] = ()) -> list[Workload]:
 
     suite = [
         *(
-            Workload(f"zipf-{a}", STANDARD_FRACTIONS, fixed(lambda a=a: zipf_trace(scale, a)))
+            Workload(f"zipf-{a}", STANDARD_FRACTIONS, fixed(partial(zipf_trace, scale, a)))
             for a in (0.8, 1.0, 1.2)
         ),
-        Workload(
-            "zipf-scan", STANDARD_FRACTIONS, lambda p: zipf_scan_trace(scale, p), per_size=True
-        ),
-        Workload("loop", (LOOP_FRACTION,), fixed(lambda: loop_trace(scale))),
-        Workload("seq-random", STANDARD_FRACTIONS, fixed(lambda: seq_random_trace(scale))),
+        Workload("zipf-scan", STANDARD_FRACTIONS, partial(zipf_scan_trace, scale), per_size=True),
+        Workload("loop", (LOOP_FRACTION,), fixed(partial(loop_trace, scale))),
+        Workload("seq-random", STANDARD_FRACTIONS, fixed(partial(seq_random_trace, scale))),
     ]
     if only:
         unknown = set(only) - {w.name for w in suite}
