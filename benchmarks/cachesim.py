@@ -30,6 +30,7 @@ outcome this module needs, so reads are fed one extent at a time.
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -44,15 +45,13 @@ HASHPOWER = 20  # 2**20 hash buckets: ample for these traces, cheap to create
 
 def libcachesim_version() -> str | None:
     """The installed libcachesim's version, or None if it is missing."""
-    try:
-        import libcachesim  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("libcachesim") is None:
         return None
     return importlib.metadata.version("libcachesim")
 
 
 def _make_cache(policy: str, cache_size: int) -> Any:
-    import libcachesim as lcs
+    import libcachesim as lcs  # type: ignore[import-untyped, import-not-found, unused-ignore]
 
     classes: dict[str, Callable[..., Any]] = {
         "LRU": lcs.LRU,
@@ -137,7 +136,7 @@ class ExtentStream:
 
 def simulate(stream: ExtentStream, policy: str, cache_size: int) -> SimResult:
     """Runs ``policy`` with ``cache_size`` bytes over ``stream``."""
-    import libcachesim as lcs
+    import libcachesim as lcs  # type: ignore[import-untyped, import-not-found, unused-ignore]
 
     cache = _make_cache(policy, cache_size)
     req = lcs.Request()

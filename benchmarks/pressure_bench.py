@@ -33,6 +33,11 @@ byte with the file. Figures, from ``/metrics`` deltas and the client:
   has it, else from ``memory_allocated_bytes`` scraped every 20 ms (a lower
   bound: a spike between two scrapes is not seen).
 
+Each round runs the unbounded case first; the bounded run is then stopped
+if it takes over 20 times as long (at least 10 s), and its figures so far
+are reported as lower bounds (">="): a refill storm on today's cache keeps 8
+streams over the 2 ms origin busy for more than 5 minutes.
+
 **Heap per cached file.** Then 100,000 files of 4 KiB (``--small-files``)
 are each read once through a cachesvc with room for all of them, after 1,000
 others warmed it up. The figure is the growth of the server's ``RssAnon``
@@ -89,6 +94,12 @@ AMPLIFICATION_TARGET = 1.1
 WALL_TARGET = 1.3
 HEAP_TARGET = 1 * KiB
 SERVER_ARGS = ("--log-level", "warning", "--revalidate", "1h")
+# A bounded run still going after DEADLINE_FACTOR x its unbounded twin (at
+# least MIN_DEADLINE seconds) is stopped and reported as such: today's refill
+# storms take minutes (8 streams on the 2 ms origin: over 5 minutes).
+DEADLINE_FACTOR = 20
+MIN_DEADLINE = 10.0
+UNBOUNDED_DEADLINE = 120.0
 
 
 @dataclass
@@ -103,10 +114,26 @@ class Run:
     budget_bytes: float
     evicted_bytes: float | None
     bypass_bytes: float | None
+    finished: bool  # False: stopped at its deadline (figures are lower bounds)
 
     @property
     def amplification(self) -> float:
         return self.origin_bytes / max(1, self.unique_bytes)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Reads of some files by some clients; ``content`` holds the files' bytes."""
+
+    name: str
+    files: list[str]
+    content: list[bytes]
+    reads: list[Read]
+    clients: int
+
+    @property
+    def unique_bytes(self) -> int:
+        return sum(r.length for r in self.reads)
 
 
 def _files(count: int) -> list[bytes]:
@@ -128,28 +155,29 @@ def _random_ranges(count: int) -> list[Read]:
     return reads
 
 
-async def _measure(
-    peer: Peer,
-    cache_size: int,
-    names: Sequence[str],
-    reads: Sequence[Read],
-    clients: int,
-    content: list[bytes],
-) -> Run:
+async def _measure(peer: Peer, cache_size: int, work: Workload, deadline: float) -> Run:
     assert peer.admin_url is not None
-    urls = [peer.file_url(n) for n in names]
+    urls = [peer.file_url(n) for n in work.files]
 
     def verify(read: Read, offset: int, chunk: bytes) -> None:
-        if content[read.file][offset : offset + len(chunk)] != chunk:
-            raise AssertionError(f"{names[read.file]}: wrong bytes at {offset}")
+        if work.content[read.file][offset : offset + len(chunk)] != chunk:
+            raise AssertionError(f"{work.files[read.file]}: wrong bytes at {offset}")
 
-    async with session(clients) as http, aiohttp.ClientSession() as admin:
+    async with session(work.clients) as http, aiohttp.ClientSession() as admin:
         before = await scrape(admin, peer.admin_url)
+        started = time.perf_counter()
+        finished = True
         async with PeakSampler(admin, peer.admin_url) as sampler:
-            result = await replay(http, urls, reads, clients=clients, verify=verify)
+            try:
+                replay_run = replay(http, urls, work.reads, clients=work.clients, verify=verify)
+                seconds = (await asyncio.wait_for(replay_run, deadline)).seconds
+            except TimeoutError:
+                finished = False
+                seconds = time.perf_counter() - started
         after = await scrape(admin, peer.admin_url)
-    unique = sum(r.length for r in reads)
-    return _figures(result.seconds, before, after, sampler, unique, cache_size)
+    run = _figures(seconds, before, after, sampler, work.unique_bytes, cache_size)
+    run.finished = finished
+    return run
 
 
 def _figures(
@@ -170,23 +198,19 @@ def _figures(
         budget_bytes=after.value("memory_limit_bytes") or float(cache_size),
         evicted_bytes=after.delta(before, "evicted_bytes_total"),
         bypass_bytes=after.delta(before, "cache_bypass_bytes_total"),
+        finished=True,
     )
 
 
-def run_once(
-    origin: str | Path,
-    cache_size: int,
-    names: Sequence[str],
-    reads: Sequence[Read],
-    clients: int,
-    content: list[bytes],
-) -> Run:
+def run_once(origin: str | Path, cache_size: int, work: Workload, deadline: float) -> Run:
+    """A fresh cachesvc with ``cache_size`` over ``origin`` serving ``work``,
+    stopped after ``deadline`` seconds if it has not finished."""
     args = ["--cache-size", str(cache_size), *SERVER_ARGS]
     with (
         cachesvc_server(origin, args, cpus=SERVER_CPUS) as peer,
         own_cpus({int(FAR_CPUS)}),
     ):
-        return asyncio.run(_measure(peer, cache_size, names, reads, clients, content))
+        return asyncio.run(_measure(peer, cache_size, work, deadline))
 
 
 @dataclass
@@ -217,6 +241,34 @@ class Result:
     def slack(self) -> float:
         return max(2 * MiB, 0.01 * self.cache_size)
 
+    @property
+    def stopped(self) -> int:
+        """Bounded runs stopped at their deadline: their figures are lower bounds."""
+        return sum(not r.finished for r in self.bounded)
+
+    @property
+    def unbounded_stopped(self) -> bool:
+        return not all(r.finished for r in self.unbounded)
+
+    def checks(self) -> dict[str, bool | None]:
+        """Each target: met, missed, or None when a stopped run leaves it open."""
+
+        def check(value: float, limit: float, lower_bound: bool) -> bool | None:
+            if value > limit:
+                return False
+            return None if lower_bound else True
+
+        peak = self.peak
+        return {
+            "amplification": check(self.amplification, AMPLIFICATION_TARGET, self.stopped > 0),
+            "wall": (
+                None
+                if self.unbounded_stopped
+                else check(self.wall_ratio, WALL_TARGET, self.stopped > 0)
+            ),
+            "peak": check(peak.peak_bytes, peak.budget_bytes + self.slack, False),
+        }
+
 
 @contextlib.contextmanager
 def _origins(root: Path, paths: Sequence[Path], http: bool) -> Iterator[list[tuple[str, str]]]:
@@ -239,10 +291,12 @@ def pressure(streams: int, rounds: int, http: bool) -> list[Result]:
     content = _files(streams)
     total = streams * FILE_SIZE
     names = [f"big/{i:02d}.bin" for i in range(streams)]
-    workloads = {
-        "streams": ([Read(i, 0, FILE_SIZE) for i in range(streams)], streams),
-        "random": (_random_ranges(streams), CLIENTS),
-    }
+    workloads = [
+        Workload(
+            "streams", names, content, [Read(i, 0, FILE_SIZE) for i in range(streams)], streams
+        ),
+        Workload("random", names, content, _random_ranges(streams), CLIENTS),
+    ]
     results = []
     with tempfile.TemporaryDirectory(prefix="pressure-bench-") as tmp:
         root = Path(tmp)
@@ -252,23 +306,26 @@ def pressure(streams: int, rounds: int, http: bool) -> list[Result]:
             path.write_bytes(data)
         with _origins(root, paths, http) as origins:
             for label, origin in origins:
-                for workload, (reads, clients) in workloads.items():
-                    result = Result(label, workload, total // 4, [], [])
+                for work in workloads:
+                    result = Result(label, work.name, total // 4, [], [])
                     for _ in range(rounds):
-                        for size, runs in (
-                            (total // 4, result.bounded),
-                            (total * 2, result.unbounded),
-                        ):
-                            runs.append(run_once(origin, size, names, reads, clients, content))
+                        unbounded = run_once(origin, total * 2, work, UNBOUNDED_DEADLINE)
+                        result.unbounded.append(unbounded)
+                        deadline = max(MIN_DEADLINE, DEADLINE_FACTOR * unbounded.seconds)
+                        result.bounded.append(run_once(origin, total // 4, work, deadline))
                     print(
-                        f"{label} {workload}: bounded "
-                        + ", ".join(f"{r.seconds:.2f} s" for r in result.bounded)
+                        f"{label} {work.name}: bounded "
+                        + ", ".join(_seconds(r) for r in result.bounded)
                         + "; unbounded "
-                        + ", ".join(f"{r.seconds:.2f} s" for r in result.unbounded),
+                        + ", ".join(_seconds(r) for r in result.unbounded),
                         flush=True,
                     )
                     results.append(result)
     return results
+
+
+def _seconds(run: Run) -> str:
+    return f"{run.seconds:.2f} s" + ("" if run.finished else " (stopped)")
 
 
 # ---------------------------------------------------------------------------
@@ -372,8 +429,8 @@ def _mib(n: float) -> str:
     return f"{n / MiB:.1f}"
 
 
-def _verdict(ok: bool) -> str:
-    return "met" if ok else "MISSED"
+def _verdict(ok: bool | None) -> str:
+    return {True: "met", False: "MISSED", None: "open (run stopped)"}[ok]
 
 
 def report(results: Sequence[Result], heap: Heap | None, streams: int, rounds: int) -> None:
@@ -384,20 +441,28 @@ def report(results: Sequence[Result], heap: Heap | None, streams: int, rounds: i
     )
     print(
         "| origin | workload | amplification (<= 1.1) | bounded s | unbounded s"
-        " | wall ratio (<= 1.3) | peak MiB | budget + slack MiB | peak from | evicted MiB |"
+        " | wall ratio (<= 1.3) | peak MiB | budget + slack MiB | peak from | evicted MiB"
+        " | bounded runs stopped |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---:|---|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|")
     for r in results:
         peak = r.peak
+        checks = r.checks()
+        at_least = ">= " if r.stopped else ""
         print(
-            f"| {r.origin} | {r.workload} | {r.amplification:.3f}"
-            f" {_verdict(r.amplification <= AMPLIFICATION_TARGET)}"
-            f" | {statistics.median(x.seconds for x in r.bounded):.2f}"
+            f"| {r.origin} | {r.workload} | {at_least}{r.amplification:.3f}"
+            f" {_verdict(checks['amplification'])}"
+            f" | {at_least}{statistics.median(x.seconds for x in r.bounded):.2f}"
             f" | {statistics.median(x.seconds for x in r.unbounded):.2f}"
-            f" | {r.wall_ratio:.2f} {_verdict(r.wall_ratio <= WALL_TARGET)}"
-            f" | {_mib(peak.peak_bytes)} {_verdict(peak.peak_bytes <= peak.budget_bytes + r.slack)}"
+            f" | {at_least}{r.wall_ratio:.2f} {_verdict(checks['wall'])}"
+            f" | {_mib(peak.peak_bytes)} {_verdict(checks['peak'])}"
             f" | {_mib(peak.budget_bytes)} + {_mib(r.slack)} | {peak.peak_source}"
-            f" | {_mib(peak.evicted_bytes or 0)} |"
+            f" | {at_least}{_mib(peak.evicted_bytes or 0)} | {r.stopped} of {len(r.bounded)} |"
+        )
+    if any(r.stopped for r in results):
+        print(
+            f"\nA bounded run is stopped after {DEADLINE_FACTOR}x its unbounded twin's time"
+            f" (at least {MIN_DEADLINE:g} s); its figures so far are lower bounds (>=)."
         )
     if heap is not None:
         print(
@@ -451,9 +516,8 @@ def main(argv: Sequence[str] = ()) -> dict[str, Any]:
                 "peak_bytes": r.peak.peak_bytes,
                 "budget_bytes": r.peak.budget_bytes,
                 "slack_bytes": r.slack,
-                "amplification_met": r.amplification <= AMPLIFICATION_TARGET,
-                "wall_met": r.wall_ratio <= WALL_TARGET,
-                "peak_met": r.peak.peak_bytes <= r.peak.budget_bytes + r.slack,
+                "bounded_runs_stopped": r.stopped,
+                **{f"{name}_met": ok for name, ok in r.checks().items()},
                 "bounded": [asdict(x) for x in r.bounded],
                 "unbounded": [asdict(x) for x in r.unbounded],
             }
