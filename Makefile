@@ -32,7 +32,9 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check cachesvc tests benchmarks
 	$(BIN)/mypy --strict cachesvc
 
+# The bench extra: libcachesim for hitratio_bench's simulated policies.
 bench: $(STAMP) system-deps
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python -m benchmarks.run_all
 
 clean:

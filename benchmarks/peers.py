@@ -54,12 +54,14 @@ def pinned(argv: Sequence[str], cpus: str | None) -> list[str]:
 
 @dataclass(frozen=True)
 class Peer:
-    """A running server: its base URL (files are under ``url + prefix``) and main PID."""
+    """A running server: its base URL (files are under ``url + prefix``), main
+    PID and, for cachesvc, the admin listener's base URL."""
 
     name: str
     url: str
     prefix: str  # path prefix of the served directory, e.g. "/files/" or "/"
     pid: int
+    admin_url: str | None = None  # cachesvc's /metrics is under it
 
     @property
     def port(self) -> int:
@@ -123,8 +125,10 @@ def cachesvc_server(
         proc = subprocess.Popen(pinned(argv, cpus), stdout=log, stderr=subprocess.STDOUT)
         try:
             url = f"http://127.0.0.1:{port}"
+            admin_url = f"http://127.0.0.1:{admin_port}"
             wait_for_http(f"{url}/healthz", START_TIMEOUT, proc)
-            yield Peer("cachesvc", url, "/files/", proc.pid)
+            wait_for_http(f"{admin_url}/healthz", START_TIMEOUT, proc)
+            yield Peer("cachesvc", url, "/files/", proc.pid, admin_url)
         finally:
             stop_process(proc, timeout=STOP_TIMEOUT)
 
