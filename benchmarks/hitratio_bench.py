@@ -87,7 +87,7 @@ from benchmarks.traces import (
     read_csv_trace,
     synthetic_suite,
 )
-from cachesvc.config_values import parse_size
+from cachesvc.config.values import parse_size
 
 SERVER_CPUS = "0"
 CLIENT_CPUS = {1}
