@@ -262,15 +262,15 @@ class FillingInode(InodeState):
     # -------------------------------------------------------------- readahead
 
     def _note_access(self, offset: int, length: int) -> None:
-        """Updates the readahead window for a read: it starts at 64 KiB and
-        doubles on sequential access, up to ``--readahead``. A seek drops it:
-        a small random read fills only its own extents, a large one (which
-        streams) the same size again."""
-        limit = self.host.readahead
+        """Updates the readahead window for a read. A seek drops it: a random
+        read fills only its own extents. Sequential reads grow it, to at
+        least 64 KiB and the read's own size, doubling each time, up to
+        ``--readahead``."""
         if offset == self._ra_next:
-            self._ra_window = min(max(self._ra_window * 2, MIN_READAHEAD), limit)
+            window = max(self._ra_window * 2, MIN_READAHEAD, page_up(length))
+            self._ra_window = min(window, self.host.readahead)
         else:
-            self._ra_window = min(page_up(length) if length >= MIN_READAHEAD else 0, limit)
+            self._ra_window = 0
         self._ra_next = offset + length
 
     def _read_ahead_locked(self, end: int, windows: int = 2) -> None:

@@ -32,7 +32,9 @@ class TestOrigin:
         self.calls: collections.Counter[str] = collections.Counter()
         self.read_ranges: list[tuple[int, int]] = []
         self.fail_writes: OriginError | None = None
-        # Reads wait for this event, once reached_gate is set.
+        # Set when a read reaches the origin; reads then wait for read_gate,
+        # if there is one, and set reached_gate first.
+        self.read_started = asyncio.Event()
         self.read_gate: asyncio.Event | None = None
         self.reached_gate = asyncio.Event()
 
@@ -61,6 +63,7 @@ class TestOrigin:
     async def read_into(
         self, path: str, offset: int, buffers: Sequence[memoryview], etag: str | None = None
     ) -> int:
+        self.read_started.set()
         await self._enter("read")
         self.read_ranges.append((offset, offset + sum(len(b) for b in buffers)))
         if self.read_gate is not None:

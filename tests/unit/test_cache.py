@@ -430,10 +430,12 @@ async def test_readahead_after_a_fill_starts_on_a_page_boundary(tmp_path: Path) 
     data = make_file(root, "f.bin", 8 * MiB)
     async with cache_rig(root, delay=0.2, readahead=MiB) as rig, rig.cache.open("f.bin") as inode:
         assert await inode.read(0, MiB) == data[:MiB]
+        rig.origin.read_started.clear()
         far = asyncio.create_task(inode.read(6 * MiB, 4096))  # a slow fill elsewhere
-        await asyncio.sleep(0.05)
-        # A cached read whose end is not page-aligned sets where the reader
-        # goes next; then its pages are evicted.
+        await asyncio.wait_for(rig.origin.read_started.wait(), 5)
+        # Cached sequential reads, the last ending off a page boundary, set
+        # where the reader goes next; then their pages are evicted.
+        assert await inode.read(0, 1000) == data[:1000]
         assert await inode.read(1000, 200 * KiB) == data[1000 : 1000 + 200 * KiB]
         await rig.cache.evict_all(wait=True)
         assert not inode.cache_set

@@ -58,9 +58,10 @@ def test_lru_evicts_least_recently_read_first() -> None:
 
 def test_s3fifo_one_hit_wonders_leave_through_the_small_queue() -> None:
     s3 = S3Fifo(100 * E)
-    # A hot set read twice, then a scan of one-time extents much larger.
+    # A hot set read three times, then a scan of one-time extents much larger.
     for key in range(10):
         s3.admit(key, E, key, prefetched=False)
+        s3.touch(key)
         s3.touch(key)
     for key in range(100, 300):
         s3.admit(key, E, key, prefetched=False)
@@ -99,7 +100,8 @@ def test_prefetched_extents_count_their_first_read_as_their_first_use() -> None:
     assert not s3.prefetched(1) and s3.prefetched_bytes == 0
     s3.admit(2, E, 2, prefetched=True)
     s3.touch(2)
-    s3.touch(2)  # read again
+    s3.touch(2)
+    s3.touch(2)  # read twice more
     s3.admit(3, E, 3, prefetched=False)
     # 1 leaves like a one-time read; 2 moves to the main queue; 3 goes.
     assert drain(s3, 2) == [1, 3]
@@ -135,14 +137,21 @@ def test_resizing_and_removing_keep_the_byte_counts() -> None:
         policy.check_invariants()
 
 
-def test_ghost_history_forgets_after_two_generations() -> None:
-    ghosts = GhostHistory(64)
-    ghosts.add(12345)
+def test_ghost_history_forgets_after_two_generations_of_bytes() -> None:
+    ghosts = GhostHistory(10 * E)
+    ghosts.add(12345, E)
     assert 12345 in ghosts
-    for key in range(128):
-        ghosts.add(1_000_000 + key)
+    for key in range(19):
+        ghosts.add(1_000_000 + key, E)
+    assert 12345 in ghosts  # 20 extents: two generations
+    ghosts.add(2_000_000, E)
     assert 12345 not in ghosts
-    assert 1_000_000 + 127 in ghosts
+    assert 1_000_000 + 18 in ghosts and 2_000_000 in ghosts
+    # Small extents count for their size: a generation holds more of them.
+    small = GhostHistory(10 * E)
+    for key in range(300):
+        small.add(key, 4096)
+    assert 0 in small
 
 
 @settings(max_examples=200, deadline=None)

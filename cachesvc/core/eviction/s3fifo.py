@@ -7,14 +7,15 @@ From "FIFO queues are all you need for cache eviction" (Yang et al., SOSP
   queue if its ghost key is in the ghost history (it was evicted from the
   small queue lately: a second chance for things reused at a longer
   distance).
-- A read sets the extent's access count (capped at 3); reads never move
-  anything. The first read of a prefetched extent only marks it read: a
-  one-pass scan, prefetched or not, leaves every extent it brought in at
-  count 0.
+- A read adds one to the extent's access count (capped at 3); reads never
+  move anything. The first read of a prefetched extent only marks it read:
+  a one-pass scan, prefetched or not, leaves every extent it brought in at
+  count 0. Before the first eviction, extents beyond the small queue's
+  share go to the main queue.
 - Evicting from the small queue (while it holds at least its share, or the
-  main queue is empty): an extent read since it came in moves to the main
-  queue with its count cleared; one that was not is evicted and its ghost
-  key remembered.
+  main queue is empty): an extent read twice since it came in
+  (MOVE_TO_MAIN) moves to the main queue with its count cleared; one that
+  was not is evicted and its ghost key remembered.
 - Evicting from the main queue: an extent with a count is put back at the
   tail with its count decremented; one without is evicted.
 - An extent the driver cannot evict now (mapped, dirty) is passed over: at
@@ -30,9 +31,10 @@ The queues are deques of keys with lazy deletion: a removed or moved key
 leaves a stale slot behind, recognized by the key's state (absent, or in
 the other queue) and skipped; the deques are rebuilt once stale slots
 outnumber live ones. The ghost history is a pair of Bloom filters (current
-and previous generation, each sized for the main queue's extents, about 4
-bits per extent in all): a key is in the history while it is in either,
-which keeps roughly the last one to two main-queue's worth of evicted keys.
+and previous generation, each taking evicted keys until they add up to 0.6
+of the budget): a key is in the history while it is in either, so about
+0.9 of the budget's worth of evicted extents is remembered, as in
+libCacheSim (a few bits per key instead of a queue entry).
 
 Protected by the event loop.
 """
@@ -53,31 +55,47 @@ from cachesvc.core.eviction.policy import (
     resized,
     size_of,
 )
+from cachesvc.core.hostmem import PAGE_SIZE
 from cachesvc.core.pages import EXTENT_SIZE
 
 # The small queue's share of the budget (the paper's 10 %).
 SMALL_SHARE: Final = 0.10
+# Reads in the small queue that move an extent to the main queue (as
+# libCacheSim's S3FIFO, whose default is 2).
+MOVE_TO_MAIN: Final = 2
 # Stale queue slots tolerated beyond the live ones before a rebuild.
 _STALE_SLACK: Final = 1024
-# Bloom filter bits per remembered key, and hash functions per key.
+# The ghost history's reach, as a share of the budget: what was evicted
+# within about this many bytes of evictions is remembered (libCacheSim's
+# S3FIFO keeps 0.9; two generations of 0.6 remember 0.6-1.2, 0.9 on average).
+GHOST_GENERATION_SHARE: Final = 0.6
+# Bloom filter bits per remembered key, hash functions per key, and the most
+# keys a generation takes (4 MiB of bits per filter).
 _BLOOM_BITS_PER_KEY: Final = 16
 _BLOOM_HASHES: Final = 4
+_MAX_GHOST_KEYS: Final = 2 << 20
 
 
 class GhostHistory:
     """Recently evicted ghost keys, approximately: two generations of Bloom
-    filters. A false positive (about 0.2 %) only gives an extent the main
+    filters, each taking keys until they add up to ``generation_bytes`` of
+    evicted extents (or the filter's key capacity). A key is remembered
+    while it is in either, so the history holds the last one to two
+    generations. A false positive (about 0.2 %) only gives an extent the main
     queue early."""
 
-    def __init__(self, capacity: int) -> None:
-        # Keys per generation. Immutable.
-        self._capacity = max(64, capacity)
-        bits = self._capacity * _BLOOM_BITS_PER_KEY
+    def __init__(self, generation_bytes: int) -> None:
+        # Bytes of evicted extents per generation. Immutable.
+        self._generation_bytes = max(EXTENT_SIZE, generation_bytes)
+        # Keys per generation at most: every extent as small as a page.
+        self._max_keys = min(_MAX_GHOST_KEYS, max(64, generation_bytes // PAGE_SIZE))
+        bits = self._max_keys * _BLOOM_BITS_PER_KEY
         # Filter size in bits (a power of two, for masking). Immutable.
         self._bits = 1 << (bits - 1).bit_length()
         self._current = bytearray(self._bits // 8)
         self._previous = bytearray(self._bits // 8)
-        self._added = 0  # keys added to the current generation
+        self._keys = 0  # keys added to the current generation
+        self._bytes = 0  # and the bytes of their extents
 
     def _positions(self, ghost: int) -> list[int]:
         mask = self._bits - 1
@@ -85,14 +103,16 @@ class GhostHistory:
         step = (h >> 32) | 1
         return [(h + i * step) & mask for i in range(_BLOOM_HASHES)]
 
-    def add(self, ghost: int) -> None:
-        if self._added >= self._capacity:
+    def add(self, ghost: int, size: int) -> None:
+        """Remembers ``ghost``, an evicted extent of ``size`` bytes."""
+        if self._bytes >= self._generation_bytes or self._keys >= self._max_keys:
             self._previous, self._current = self._current, self._previous
             self._current[:] = bytes(len(self._current))
-            self._added = 0
+            self._keys = self._bytes = 0
         for bit in self._positions(ghost):
             self._current[bit >> 3] |= 1 << (bit & 7)
-        self._added += 1
+        self._keys += 1
+        self._bytes += size
 
     def __contains__(self, ghost: int) -> bool:
         positions = self._positions(ghost)
@@ -119,12 +139,13 @@ class S3Fifo:
         self._prefetched_bytes = 0
         # Keys admitted as prefetched, oldest first, with stale slots.
         self._prefetched_order: collections.deque[int] = collections.deque()
-        self._ghost = GhostHistory((capacity - self._small_target) // EXTENT_SIZE)
+        self._ghost = GhostHistory(int(capacity * GHOST_GENERATION_SHARE))
         # Extents of each queue passed over since the last eviction: once
         # every one of a queue has been, the other is evicted from, whatever
         # its size.
         self._small_passes = 0
         self._main_passes = 0
+        self._evicted_any = False  # set by the first eviction
         # Promotions and ghost hits since creation, for stats.
         self._promoted = 0
         self._ghost_hits = 0
@@ -181,6 +202,12 @@ class S3Fifo:
             self._ghost_hits += 1
             state |= MAIN
             self._main.append(key)
+        elif not self._evicted_any and self._small_bytes >= self._small_target:
+            # Before the first eviction, the small queue's overflow goes to
+            # the main queue (libCacheSim's S3FIFO): what came in between
+            # then and a full cache stays a little longer.
+            state |= MAIN
+            self._main.append(key)
         else:
             self._small.append(key)
         self._state[key] = state
@@ -223,8 +250,8 @@ class S3Fifo:
                 if state is None or state & MAIN:
                     self._small.popleft()  # stale
                     continue
-                if state & FREQ_MASK:
-                    # Read while in the small queue: into the main queue.
+                if state & FREQ_MASK >= MOVE_TO_MAIN * FREQ_ONE:
+                    # Read again while in the small queue: into the main queue.
                     self._small.popleft()
                     self._account(state, -1)
                     state = (state & ~FREQ_MASK) | MAIN
@@ -274,6 +301,7 @@ class S3Fifo:
         self._main.append(key)
 
     def evicted(self, key: int, ghost: int) -> None:
+        self._evicted_any = True
         self._small_passes = self._main_passes = 0
         state = self._state.pop(key)
         self._account(state, -1)
@@ -283,7 +311,7 @@ class S3Fifo:
         if self._prefetched_order and self._prefetched_order[-1] == key:
             self._prefetched_order.pop()
         if not state & MAIN:
-            self._ghost.add(ghost)
+            self._ghost.add(ghost, size_of(state))
 
     # ------------------------------------------------------------- internals
 
