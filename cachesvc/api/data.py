@@ -33,13 +33,12 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from cachesvc.api.errors import ApiError, Handler, error_middleware
-from cachesvc.api.httpranges import (
-    HeaderError,
+from cachesvc.api.http import HeaderError
+from cachesvc.api.http.conditions import evaluate_preconditions, format_etag, if_range_allows
+from cachesvc.api.http.paths import BadPath, RequestPath, decode_raw_path, validate_path
+from cachesvc.api.http.ranges import (
     RangeKind,
     WriteRange,
-    evaluate_preconditions,
-    format_etag,
-    if_range_allows,
     parse_content_range,
     parse_decimal,
     parse_range,
@@ -47,7 +46,6 @@ from cachesvc.api.httpranges import (
     unsatisfied_content_range,
 )
 from cachesvc.api.metrics import Metrics
-from cachesvc.api.paths import BadPath, RequestPath, decode_raw_path, validate_path
 from cachesvc.api.responses import (
     SMALL_BODY,
     BodyPlan,

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from cachesvc.api.paths import BadPath
+from cachesvc.api.http.paths import BadPath
 from cachesvc.core.errors import CacheFull
 from cachesvc.core.memfile import MemoryFileFull
 from cachesvc.origins.base import (

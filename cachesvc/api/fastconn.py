@@ -19,8 +19,8 @@ from typing import cast
 from aiohttp import web
 
 from cachesvc.api.fastpath import FastReads, Reply
+from cachesvc.api.http.simple import HEAD_END, SimpleRequest, parse_simple
 from cachesvc.api.responses import until_sent
-from cachesvc.api.simplehttp import HEAD_END, SimpleRequest, parse_simple
 
 # Unanswered bytes buffered before a connection stops reading.
 MAX_BUFFERED = 64 << 10

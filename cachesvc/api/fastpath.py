@@ -2,7 +2,7 @@
 
 Every connection of the data listener starts on
 :class:`~cachesvc.api.fastconn.FastConnection`, which reads request heads
-itself. A head that :func:`~cachesvc.api.simplehttp.parse_simple` calls
+itself. A head that :func:`~cachesvc.api.http.simple.parse_simple` calls
 simple, naming a file whose answer is 200 or a 206 of one range, is
 answered by :class:`FastReads`: at once from the cache when the body is at
 most :data:`~cachesvc.api.responses.SMALL_BODY` bytes and cached (no task,
@@ -53,9 +53,10 @@ from aiohttp.http import SERVER_SOFTWARE
 
 from cachesvc.api.data import INSTANCE_ID, READ_ATTEMPTS, DataState, content_type, record_request
 from cachesvc.api.errors import ERROR_CONTENT_TYPE, error_body, mapped_error
-from cachesvc.api.httpranges import RangeKind, format_content_range, parse_range
+from cachesvc.api.http.paths import BadPath, decode_raw_path
+from cachesvc.api.http.ranges import RangeKind, format_content_range, parse_range
+from cachesvc.api.http.simple import SimpleRequest
 from cachesvc.api.inflight import InFlight
-from cachesvc.api.paths import BadPath, decode_raw_path
 from cachesvc.api.responses import (
     SMALL_BODY,
     BodyAborted,
@@ -68,7 +69,6 @@ from cachesvc.api.responses import (
     range_bytes,
     validator_headers,
 )
-from cachesvc.api.simplehttp import SimpleRequest
 from cachesvc.api.writes import HEADER_TIMEOUT
 from cachesvc.core.inode import CachingInode
 from cachesvc.core.ranges import Range

@@ -51,11 +51,9 @@ from typing import Protocol
 
 from aiohttp import web
 
-from cachesvc.api.httpranges import (
-    MultipartPlan,
-    format_content_range,
-    format_etag,
-)
+from cachesvc.api.http.conditions import format_etag
+from cachesvc.api.http.multipart import MultipartPlan
+from cachesvc.api.http.ranges import format_content_range
 from cachesvc.core.inode import CachingInode
 from cachesvc.core.mapping import Mapping, release_all
 from cachesvc.core.ranges import Range

@@ -91,7 +91,7 @@ async def test_get_whole_file(server: DataServer, session: aiohttp.ClientSession
 
 
 # Headers that send a request down each read path: the fast path takes a
-# plain GET; any other header makes it aiohttp's (see api/simplehttp.py).
+# plain GET; any other header makes it aiohttp's (see api/http/simple.py).
 READ_PATHS = {"fast": {}, "aiohttp": {"X-Not-Simple": "1"}}
 
 
