@@ -13,23 +13,17 @@ is staged in memory, bounded by ``--max-partial-write`` (413), so that a
 body that ends early or a client that goes away changes nothing.
 Multipart and content-coded bodies are refused with 415.
 
-Deadlines, so that a slow client cannot hold a connection (and cache
-pages) forever:
-
-- :data:`HEADER_TIMEOUT` (30 s): a connection must deliver a complete
-  request head within this time of opening or of its previous response;
-  aiohttp enforces it as its ``keepalive_timeout`` (see
-  :func:`runner_options`), which closes a connection still waiting for a
-  request's head once it expires.
-- :data:`BODY_IDLE_TIMEOUT` (60 s): each read of a request body must
-  deliver some bytes within this time, else the request fails with 408.
+A deadline, so that a slow client cannot hold a connection (and cache
+pages) forever: :data:`BODY_IDLE_TIMEOUT` (60 s), each read of a request
+body must deliver some bytes within this time, else the request fails with
+408. (The deadline for a request head is
+:data:`cachesvc.api.listener.HEADER_TIMEOUT`.)
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
 
 from aiohttp import web
 
@@ -37,17 +31,11 @@ from cachesvc.api.auth import bearer_token_matches
 from cachesvc.api.errors import ApiError
 from cachesvc.config import Config
 
-HEADER_TIMEOUT = 30.0
 BODY_IDLE_TIMEOUT = 60.0
 # Bytes asked for per read of a streamed body.
 READ_CHUNK = 1 << 20
 
 SABREDAV_PARTIAL_UPDATE = "application/x-sabredav-partialupdate"
-
-
-def runner_options(header_timeout: float = HEADER_TIMEOUT) -> dict[str, Any]:
-    """Keyword arguments for the data listener's ``web.AppRunner``."""
-    return {"keepalive_timeout": header_timeout}
 
 
 def check_write_allowed(request: web.Request, config: Config) -> None:
