@@ -223,23 +223,19 @@ class FastReads:
         )
 
 
+@dataclass(frozen=True, slots=True)
 class _FastAnswer:
     """One request's answer through the fast connection (a reads.FrontEnd).
-    Its fields are immutable."""
+    Immutable (the transfer record's fields change)."""
 
-    __slots__ = ("_path", "_reads", "_request", "_target", "transfer")
-
-    def __init__(
-        self, reads: FastReads, request: SimpleRequest, path: str, target: StreamTarget
-    ) -> None:
-        self._reads = reads
-        self._request = request
-        self._path = path
-        self._target = target
-        self.transfer = Transfer()  # the object; its fields change
+    reads: FastReads
+    request: SimpleRequest
+    path: str
+    target: StreamTarget
+    transfer: Transfer = field(default_factory=Transfer)
 
     def plan(self, snap: Snapshot) -> ReadPlan:
-        plan = self._reads.plan(self._request, self._path, snap)
+        plan = self.reads.plan(self.request, self.path, snap)
         if plan is None:
             raise _Declined
         return plan
@@ -249,8 +245,8 @@ class _FastAnswer:
 
     async def begin_stream(self, plan: ReadPlan) -> tuple[Reply, BodySink]:
         reply = Reply.of(plan, b"", self.transfer, streamed=True)
-        self._target.write_head(self._reads.encode(reply, self._reads.closes(self._request)))
-        return reply, self._target
+        self.target.write_head(self.reads.encode(reply, self.reads.closes(self.request)))
+        return reply, self.target
 
 
 def _file_path(request: SimpleRequest) -> str | None:

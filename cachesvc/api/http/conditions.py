@@ -100,6 +100,14 @@ def _resource_tag(etag: str | None) -> EntityTag | None:
 # Preconditions
 
 
+def _candidates(value: str) -> list[EntityTag] | None:
+    """The entity-tags of a request's list, or None when it is malformed."""
+    try:
+        return parse_entity_tags(value)
+    except HeaderError:
+        return None
+
+
 def _list_matches(value: str, tag: EntityTag | None, exists: bool, *, weak: bool) -> bool:
     """Whether an If-Match / If-None-Match value matches the representation.
 
@@ -107,11 +115,8 @@ def _list_matches(value: str, tag: EntityTag | None, exists: bool, *, weak: bool
     """
     if value.strip(_OWS) == "*":
         return exists
-    if tag is None:
-        return False
-    try:
-        candidates = parse_entity_tags(value)
-    except HeaderError:
+    candidates = _candidates(value)
+    if tag is None or candidates is None:
         return False
     if weak:
         return any(tag.weak_match(candidate) for candidate in candidates)
@@ -175,12 +180,8 @@ def if_range_allows(header: str | None, etag: str | None, last_modified: float |
         return True
     value = header.strip(_OWS)
     if value.startswith(('"', "W/")):
-        tag = _resource_tag(etag)
-        if tag is None:
-            return False
-        try:
-            candidates = parse_entity_tags(value)
-        except HeaderError:
+        tag, candidates = _resource_tag(etag), _candidates(value)
+        if tag is None or candidates is None:
             return False
         return len(candidates) == 1 and tag.strong_match(candidates[0])
     date = parse_http_date(value)
