@@ -99,7 +99,7 @@ class Reply(NamedTuple):
         cls, plan: ReadPlan, body: bytes | bytearray, transfer: Transfer, streamed: bool = False
     ) -> Reply:
         """The reply of a read plan."""
-        return cls(plan.status, plan.headers.lines, plan.length, body, transfer, streamed)
+        return cls(plan.status, plan.fields, plan.length, body, transfer, streamed)
 
     @property
     def body_bytes(self) -> int:

@@ -45,7 +45,7 @@ class _WebAnswer:
         self.transfer = transfer  # Immutable (the object; its fields change).
 
     def complete(self, plan: ReadPlan, body: bytes | bytearray) -> web.StreamResponse:
-        headers = plan.headers.as_dict()
+        headers = plan.headers()
         if plan.status >= 400:
             raise ApiError(plan.status, reason_code(plan.status), plan.reason, headers)
         if plan.status == 304:
@@ -57,7 +57,7 @@ class _WebAnswer:
         return web.Response(status=plan.status, headers=headers, body=body)
 
     async def begin_stream(self, plan: ReadPlan) -> tuple[web.StreamResponse, BodySink | None]:
-        response = web.StreamResponse(status=plan.status, headers=plan.headers.as_dict())
+        response = web.StreamResponse(status=plan.status, headers=plan.headers())
         response.content_length = plan.length
         try:
             sink = ResponseSink(self._request, response)
