@@ -33,8 +33,9 @@ benchmark, 16 connections) cut the server's CPU per 1 MiB response from
 from 256 KiB to 1 MiB (copied, as in reads).
 
 The answers match aiohttp's byte for byte but for ``Date``: the same status
-lines, headers in the same order (``X-Cachesvc-Instance`` included), the
-same metrics and access log line (but for a client that goes away before
+lines, the plan's header block as aiohttp's handler sends it, then
+``Content-Length``, ``Date``, ``Server`` and ``X-Cachesvc-Instance`` in
+aiohttp's order, the same metrics and access log line (but for a client that goes away before
 its answer is complete: 499 here, the answer's status with ``aborted``
 there); tests/integration/test_fastpath.py compares both paths.
 Deadlines match too: an idle connection is closed
