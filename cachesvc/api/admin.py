@@ -17,9 +17,10 @@ from aiohttp import web
 from cachesvc import __version__
 from cachesvc.api.auth import bearer_token_matches
 from cachesvc.api.errors import ApiError, Handler, error_middleware
-from cachesvc.api.httpranges import HeaderError, parse_decimal
+from cachesvc.api.http import HeaderError
+from cachesvc.api.http.paths import validate_path
+from cachesvc.api.http.ranges import parse_decimal
 from cachesvc.api.metrics import CONTENT_TYPE, Metrics
-from cachesvc.api.paths import validate_path
 from cachesvc.config import Config
 from cachesvc.core.cache import FileCache
 from cachesvc.core.memfile import MemoryKind

@@ -15,7 +15,8 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from cachesvc.api.paths import BadPath
+from cachesvc.api.http.paths import BadPath
+from cachesvc.api.reads import KeptChanging
 from cachesvc.core.errors import CacheFull
 from cachesvc.core.memfile import MemoryFileFull
 from cachesvc.origins.base import (
@@ -57,6 +58,7 @@ ERROR_TABLE: tuple[tuple[type[Exception], int, str], ...] = (
     (OriginConflict, 502, "origin_changed"),
     (OriginUnavailable, 502, "origin_error"),
     (OriginError, 502, "origin_error"),
+    (KeptChanging, 503, "busy"),
 )
 
 _REASON_CODES = {
@@ -74,6 +76,11 @@ _REASON_CODES = {
     416: "range_not_satisfiable",
     431: "headers_too_large",
 }
+
+
+def reason_code(status: int) -> str:
+    """The error code of an error status the API answers by itself."""
+    return _REASON_CODES.get(status, "error")
 
 
 # The Content-Type of every error body.
@@ -118,7 +125,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         headers = {
             k: v for k, v in exc.headers.items() if k.lower() in ("allow", "www-authenticate")
         }
-        code = _REASON_CODES.get(exc.status, "error")
+        code = reason_code(exc.status)
         message = exc.text if exc.text and not exc.text.startswith(str(exc.status)) else exc.reason
         return error_response(exc.status, code, message or exc.reason, headers)
     except ConnectionError:

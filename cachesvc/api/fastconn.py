@@ -19,8 +19,8 @@ from typing import cast
 from aiohttp import web
 
 from cachesvc.api.fastpath import FastReads, Reply
-from cachesvc.api.responses import until_sent
-from cachesvc.api.simplehttp import HEAD_END, SimpleRequest, parse_simple
+from cachesvc.api.http.simple import HEAD_END, SimpleRequest, parse_simple
+from cachesvc.api.streaming import until_sent
 
 # Unanswered bytes buffered before a connection stops reading.
 MAX_BUFFERED = 64 << 10
@@ -71,7 +71,7 @@ class FastConnection(asyncio.Protocol):
         self._reads = reads
         self._connections = connections  # the listener's open fast connections
         self._batch = batch  # writes the answers at the end of the iteration
-        self._unsent: list[bytes] = []  # answers not written yet
+        self._unsent: list[bytes | bytearray] = []  # answers not written yet
         self._unsent_bytes = 0
         self._fallback = fallback  # makes aiohttp's protocol for a hand-off
         self._loop = asyncio.get_running_loop()

@@ -2,14 +2,18 @@
 
 Every connection of the data listener starts on
 :class:`~cachesvc.api.fastconn.FastConnection`, which reads request heads
-itself. A head that :func:`~cachesvc.api.simplehttp.parse_simple` calls
+itself. A head that :func:`~cachesvc.api.http.simple.parse_simple` calls
 simple, naming a file whose answer is 200 or a 206 of one range, is
 answered by :class:`FastReads`: at once from the cache when the body is at
-most :data:`~cachesvc.api.responses.SMALL_BODY` bytes and cached (no task,
+most :data:`~cachesvc.api.reads.SMALL_BODY` bytes and cached (no task,
 no await); else in a task that fills what is missing from the origin, and
-that streams a larger body from mappings of the cache as aiohttp's handler
-does (:class:`~cachesvc.api.responses.BodyStreamer`, with the connection as
-its sink). The origin's errors (404, 502, 504 ...) are answered here too,
+that streams a larger body from mappings of the cache
+(:class:`~cachesvc.api.streaming.BodyStreamer`, with the connection as
+its sink). Which answer, with which headers and body, is decided by the
+read policy that aiohttp's handler uses too
+(:func:`~cachesvc.api.reads.plan_read`, :func:`~cachesvc.api.reads.read`);
+this module takes the plans it can answer and writes them as aiohttp
+would. The origin's errors (404, 502, 504 ...) are answered here too,
 with aiohttp's JSON error body. The first request this path does not
 answer (any other method, a conditional, several ranges, a bad path, an
 incomplete head) hands the connection, with every byte still unanswered,
@@ -26,22 +30,22 @@ heads and writes a fixed answer reached 51,000. With this path, random
 of kernel time per request. Taking large bodies too (2026-12-02, same
 benchmark, 16 connections) cut the server's CPU per 1 MiB response from
 466-501 to 379-416 us streamed, and to 220-250 us with SMALL_BODY raised
-from 256 KiB to 1 MiB (copied, as in responses).
+from 256 KiB to 1 MiB (copied, as in reads).
 
 The answers match aiohttp's byte for byte but for ``Date``: the same status
-lines, headers in the same order (``X-Cachesvc-Instance`` included), the
-same metrics and access log line (but for a client that goes away before
+lines, the plan's header block as aiohttp's handler sends it, then
+``Content-Length``, ``Date``, ``Server`` and ``X-Cachesvc-Instance`` in
+aiohttp's order, the same metrics and access log line (but for a client that goes away before
 its answer is complete: 499 here, the answer's status with ``aborted``
 there); tests/integration/test_fastpath.py compares both paths.
 Deadlines match too: an idle connection is closed
-:data:`~cachesvc.api.writes.HEADER_TIMEOUT` after it opened or last
+:data:`~cachesvc.api.listener.HEADER_TIMEOUT` after it opened or last
 answered, like aiohttp's ``keepalive_timeout``; a client that stops reading
 stops the reading of further requests.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -51,32 +55,25 @@ from typing import NamedTuple, Protocol
 
 from aiohttp.http import SERVER_SOFTWARE
 
-from cachesvc.api.data import INSTANCE_ID, READ_ATTEMPTS, DataState, content_type, record_request
+from cachesvc.api.access import CLIENT_GONE, Transfer, record_request
 from cachesvc.api.errors import ERROR_CONTENT_TYPE, error_body, mapped_error
-from cachesvc.api.httpranges import RangeKind, format_content_range, parse_range
+from cachesvc.api.http.paths import BadPath, decode_raw_path
+from cachesvc.api.http.simple import SimpleRequest
 from cachesvc.api.inflight import InFlight
-from cachesvc.api.paths import BadPath, decode_raw_path
-from cachesvc.api.responses import (
-    SMALL_BODY,
-    BodyAborted,
-    BodySink,
-    BodyStreamer,
+from cachesvc.api.listener import HEADER_TIMEOUT, INSTANCE_ID, DataState
+from cachesvc.api.reads import (
+    KeptChanging,
+    ReadPlan,
     Snapshot,
-    SnapshotChanged,
-    Transfer,
-    map_first_chunk,
-    range_bytes,
-    validator_headers,
+    content_type,
+    copy_now,
+    plan_read,
+    read,
 )
-from cachesvc.api.simplehttp import SimpleRequest
-from cachesvc.api.writes import HEADER_TIMEOUT
-from cachesvc.core.inode import CachingInode
-from cachesvc.core.ranges import Range
+from cachesvc.api.streaming import BodySink
 from cachesvc.wire import FILES_PREFIX, INSTANCE_HEADER
 
 log = logging.getLogger("cachesvc.api")
-# What the access log and metrics say of a request whose client went away.
-CLIENT_GONE = 499
 # Status lines by status, for all it answers with: 200, 206 and errors.
 _STATUS_LINES = {
     status.value: f"HTTP/1.1 {status.value} {status.phrase}\r\n" for status in HTTPStatus
@@ -91,12 +88,19 @@ _CLOSE_TAIL = (
 class Reply(NamedTuple):
     """An answer ready to send, or sent already if ``streamed``. Immutable."""
 
-    status: int  # 200 or 206
+    status: int  # 200 or 206, or an error's
     fields: str  # the header lines before Content-Length, each ending in CRLF
     length: int  # Content-Length (a HEAD reply has no body)
-    body: bytes  # empty if streamed
+    body: bytes | bytearray  # empty if streamed
     transfer: Transfer
     streamed: bool = False  # its head and body were written by FastReads.answer
+
+    @classmethod
+    def of(
+        cls, plan: ReadPlan, body: bytes | bytearray, transfer: Transfer, streamed: bool = False
+    ) -> Reply:
+        """The reply of a read plan."""
+        return cls(plan.status, plan.fields, plan.length, body, transfer, streamed)
 
     @property
     def body_bytes(self) -> int:
@@ -112,12 +116,8 @@ class StreamTarget(BodySink, Protocol):
         answers before it."""
 
 
-class _Plan(NamedTuple):
-    """What a simple request is answered with, but the body. Immutable."""
-
-    status: int
-    fields: str
-    body: Range  # the file bytes sent by GET (empty for an empty file)
+class _Declined(Exception):
+    """The read plan is not one the fast path answers: aiohttp's handler will."""
 
 
 @dataclass(slots=True)
@@ -143,7 +143,7 @@ class FastReads:
     state: DataState
     in_flight: InFlight
     # A connection is closed after this long without a request, as aiohttp's
-    # keepalive_timeout does (see writes.runner_options).
+    # keepalive_timeout does (see listener.runner_options).
     idle_timeout: float = HEADER_TIMEOUT
     _date: _DateHeader = field(default_factory=_DateHeader)
 
@@ -155,20 +155,14 @@ class FastReads:
         inode = self.state.cache.peek(path)
         if inode is None:
             return None
-        plan = self._plan(request, inode.attr.size, _fixed_fields(inode, path))
+        plan = self.plan(request, path, Snapshot.of(inode))
         if plan is None:
             return None
-        rng = plan.body
         transfer = Transfer()
-        if request.method == "HEAD" or not rng.length:
-            return Reply(plan.status, plan.fields, rng.length, b"", transfer)
-        if rng.length > SMALL_BODY:
-            return None  # streamed, which awaits
-        body = inode.read_cached_now(rng.start, rng.length)
-        if body is None or len(body) != rng.length:
-            return None
-        transfer.note_hit()
-        return Reply(plan.status, plan.fields, rng.length, body, transfer)
+        if not plan.sends_body:
+            return Reply.of(plan, b"", transfer)
+        body = copy_now(inode, plan, transfer)
+        return None if body is None else Reply.of(plan, body, transfer)
 
     async def answer(self, request: SimpleRequest, target: StreamTarget) -> Reply | None:
         """The answer, filling from the origin as needed; None to hand the
@@ -177,10 +171,13 @@ class FastReads:
         path = _file_path(request)
         if path is None:
             return None
+        answer = _FastAnswer(self, request, path, target)
         try:
             # Kept: a request handed to aiohttp finds the file's attributes.
             async with self.state.cache.open(path, keep=True) as inode:
-                return await self._read(request, inode, path, target)
+                return await read(inode, answer.transfer, answer, answer.plan)
+        except (_Declined, KeptChanging):
+            return None  # aiohttp answers it (and tries again)
         except Exception as exc:
             mapped = mapped_error(exc)
             if mapped is None:  # unexpected: aiohttp asks again and reports it
@@ -195,67 +192,13 @@ class FastReads:
                 return Reply(status, fields, len(body), b"", Transfer())
             return Reply(status, fields, len(body), body, Transfer())
 
-    async def _read(
-        self, request: SimpleRequest, inode: CachingInode, path: str, target: StreamTarget
-    ) -> Reply | None:
-        transfer = Transfer()
-        for _ in range(READ_ATTEMPTS):
-            snap = Snapshot.of(inode)
-            plan = self._plan(request, snap.size, _fields(snap.token, snap.mtime, path))
-            if plan is None:
-                return None
-            rng = plan.body
-            if request.method == "HEAD" or not rng.length:
-                return Reply(plan.status, plan.fields, rng.length, b"", transfer)
-            try:
-                if rng.length > SMALL_BODY:
-                    return await self._stream(request, inode, snap, plan, transfer, target)
-                body = await range_bytes(inode, rng, snap, transfer)
-            except SnapshotChanged:
-                continue  # written meanwhile: answer for the new version
-            return Reply(plan.status, plan.fields, rng.length, body, transfer)
-        return None
-
-    async def _stream(
-        self,
-        request: SimpleRequest,
-        inode: CachingInode,
-        snap: Snapshot,
-        plan: _Plan,
-        transfer: Transfer,
-        target: StreamTarget,
-    ) -> Reply:
-        """Writes the answer with a large body to ``target``, as aiohttp's
-        handler would (see responses.stream_body); SnapshotChanged if the
-        file changed before the head was out."""
-        pieces = (plan.body,)
-        first = await map_first_chunk(inode, pieces, snap, transfer)
-        reply = Reply(plan.status, plan.fields, plan.body.length, b"", transfer, streamed=True)
-        try:
-            target.write_head(self.encode(reply, self.closes(request)))
-        except BaseException:
-            await first.release()
-            raise
-        try:
-            await BodyStreamer(target, inode, snap, transfer).send(pieces, first)
-        except BodyAborted as exc:
-            transfer.aborted = str(exc) or "aborted"
-        return reply
-
-    def _plan(self, request: SimpleRequest, size: int, fields: str) -> _Plan | None:
-        """A 200 or single-range 206 of a file of ``size`` bytes whose fixed
-        header lines are ``fields``, else None."""
-        if request.range is not None:
-            outcome = parse_range(request.range, size, self.state.config.max_ranges)
-            if outcome.kind is RangeKind.SATISFIABLE:
-                if len(outcome.ranges) > 1:
-                    return None
-                rng = outcome.ranges[0]
-                content_range = format_content_range(rng, size)
-                return _Plan(206, f"{fields}Content-Range: {content_range}\r\n", rng)
-            if outcome.kind is RangeKind.UNSATISFIABLE:
-                return None
-        return _Plan(200, fields, Range(0, size))
+    def plan(self, request: SimpleRequest, path: str, snap: Snapshot) -> ReadPlan | None:
+        """The read policy's plan for ``request`` if the fast path answers it
+        (200, or 206 of one range); None for aiohttp's handler."""
+        plan = plan_read(
+            snap, content_type(path), self.state.config.max_ranges, request.method, request.range
+        )
+        return plan if plan.status < 300 and len(plan.pieces) <= 1 else None
 
     def closes(self, request: SimpleRequest) -> bool:
         """Whether the connection closes after answering ``request``."""
@@ -281,18 +224,30 @@ class FastReads:
         )
 
 
-def _fixed_fields(inode: CachingInode, path: str) -> str:
-    """:func:`_fields` of the inode's current version."""
-    attr = inode.attr
-    return _fields(attr.etag, attr.mtime, path)
+@dataclass(frozen=True, slots=True)
+class _FastAnswer:
+    """One request's answer through the fast connection (a reads.FrontEnd).
+    Immutable (the transfer record's fields change)."""
 
+    reads: FastReads
+    request: SimpleRequest
+    path: str
+    target: StreamTarget
+    transfer: Transfer = field(default_factory=Transfer)
 
-@functools.lru_cache(maxsize=4096)
-def _fields(token: str, mtime: float, path: str) -> str:
-    """The header lines every answer of one version of a file starts with,
-    in the order the aiohttp handler sends them (see Snapshot.headers)."""
-    fields = {**validator_headers(token, mtime), "Content-Type": content_type(path)}
-    return "".join(f"{name}: {value}\r\n" for name, value in fields.items())
+    def plan(self, snap: Snapshot) -> ReadPlan:
+        plan = self.reads.plan(self.request, self.path, snap)
+        if plan is None:
+            raise _Declined
+        return plan
+
+    def complete(self, plan: ReadPlan, body: bytes | bytearray) -> Reply:
+        return Reply.of(plan, body, self.transfer)
+
+    async def begin_stream(self, plan: ReadPlan) -> tuple[Reply, BodySink]:
+        reply = Reply.of(plan, b"", self.transfer, streamed=True)
+        self.target.write_head(self.reads.encode(reply, self.reads.closes(self.request)))
+        return reply, self.target
 
 
 def _file_path(request: SimpleRequest) -> str | None:

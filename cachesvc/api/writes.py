@@ -1,4 +1,16 @@
-"""Write requests of the data API: who may write, and reading their bodies.
+"""Write requests of the data API: PUT, PATCH, POST and DELETE of a file,
+who may write, and reading their bodies.
+
+- ``PUT``: a whole file (atomic replace, 201 or 204 with the new ETag), or
+  a part of one with ``Content-Range: bytes a-b/*``;
+- ``PATCH``: a partial write of an existing file at ``Content-Range``, or at
+  SabreDAV's ``X-Update-Range`` (``append`` included); 204 with the new ETag;
+- ``POST``: ``?truncate=N`` and/or ``?fsync``;
+- ``DELETE``.
+
+Preconditions (If-Match ...) are evaluated against the file as it is
+(:func:`cachesvc.api.webrequest.check_preconditions`); ``?sync`` makes a
+write reach the origin before the answer.
 
 Authorization (DESIGN.md): ``--read-only`` refuses every write with 403;
 with ``--write-token`` a write needs ``Authorization: Bearer <token>``
@@ -13,31 +25,38 @@ is staged in memory, bounded by ``--max-partial-write`` (413), so that a
 body that ends early or a client that goes away changes nothing.
 Multipart and content-coded bodies are refused with 415.
 
-Deadlines, so that a slow client cannot hold a connection (and cache
-pages) forever:
-
-- :data:`HEADER_TIMEOUT` (30 s): a connection must deliver a complete
-  request head within this time of opening or of its previous response;
-  aiohttp enforces it as its ``keepalive_timeout`` (see
-  :func:`runner_options`), which closes a connection still waiting for a
-  request's head once it expires.
-- :data:`BODY_IDLE_TIMEOUT` (60 s): each read of a request body must
-  deliver some bytes within this time, else the request fails with 408.
+A deadline, so that a slow client cannot hold a connection (and cache
+pages) forever: :data:`BODY_IDLE_TIMEOUT` (60 s), each read of a request
+body must deliver some bytes within this time, else the request fails with
+408. (The deadline for a request head is
+:data:`cachesvc.api.listener.HEADER_TIMEOUT`.)
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
 
 from aiohttp import web
 
 from cachesvc.api.auth import bearer_token_matches
 from cachesvc.api.errors import ApiError
+from cachesvc.api.http import HeaderError
+from cachesvc.api.http.conditions import format_etag
+from cachesvc.api.http.ranges import (
+    WriteRange,
+    parse_content_range,
+    parse_decimal,
+    parse_update_range,
+)
+from cachesvc.api.listener import DataState
+from cachesvc.api.reads import Snapshot
+from cachesvc.api.webrequest import check_preconditions, conditions, sync_requested
 from cachesvc.config import Config
+from cachesvc.core.cache import FileCache
+from cachesvc.core.ranges import MAX_OFFSET, Range
+from cachesvc.origins.base import OriginNotFound
 
-HEADER_TIMEOUT = 30.0
 BODY_IDLE_TIMEOUT = 60.0
 # Bytes asked for per read of a streamed body.
 READ_CHUNK = 1 << 20
@@ -45,9 +64,163 @@ READ_CHUNK = 1 << 20
 SABREDAV_PARTIAL_UPDATE = "application/x-sabredav-partialupdate"
 
 
-def runner_options(header_timeout: float = HEADER_TIMEOUT) -> dict[str, Any]:
-    """Keyword arguments for the data listener's ``web.AppRunner``."""
-    return {"keepalive_timeout": header_timeout}
+# ---------------------------------------------------------------------------
+# Handlers
+
+
+async def _current(cache: FileCache, path: str) -> Snapshot | None:
+    """The file's attributes now, or None when it does not exist."""
+    try:
+        async with cache.open(path) as inode:
+            return Snapshot.of(inode)
+    except OriginNotFound:
+        return None
+
+
+async def put_file(request: web.Request, state: DataState, path: str) -> web.Response:
+    """Full PUT (atomic replace), or a partial one with ``Content-Range``."""
+    content_ranges = request.headers.getall("Content-Range", [])
+    if content_ranges:
+        if len(content_ranges) > 1:
+            raise ApiError(400, "bad_range", "more than one Content-Range")
+        try:
+            rng = parse_content_range(content_ranges[0])
+        except HeaderError as exc:
+            raise ApiError(400, "bad_range", str(exc)) from exc
+        return await _partial_put(request, state, path, rng)
+    sync = sync_requested(request)
+    check_preconditions(request, await _current(state.cache, path))
+    failures: list[BaseException] = []
+
+    async def chunks() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in stream_body_chunks(request):
+                yield chunk
+        except BaseException as exc:
+            failures.append(exc)
+            raise
+
+    try:
+        inode, created = await state.cache.replace(path, chunks())
+    except Exception:
+        # The origin may wrap the body's error: report the body's own.
+        if failures and isinstance(failures[0], Exception):
+            raise failures[0] from None
+        raise
+    if sync:
+        await inode.fsync()
+    return web.Response(
+        status=201 if created else 204, headers={"ETag": format_etag(inode.attr.etag)}
+    )
+
+
+async def _partial_put(
+    request: web.Request, state: DataState, path: str, rng: Range
+) -> web.Response:
+    sync = sync_requested(request)
+    check_preconditions(request, await _current(state.cache, path))
+    body = await stage_body(request, rng.length, state.config.max_partial_write)
+    created = False
+    try:
+        async with state.cache.open(path) as inode:
+            check_preconditions(request, Snapshot.of(inode))
+            await state.cache.write(inode, rng.start, memoryview(body), sync=sync)
+    except OriginNotFound:
+        check_preconditions(request, None)
+        created = True
+        async with state.cache.open(path, create=True) as inode:
+            await state.cache.write(inode, rng.start, memoryview(body), sync=sync)
+    return web.Response(status=201 if created else 204)
+
+
+def _patch_range(request: web.Request, size: int) -> WriteRange:
+    """Where a PATCH writes: ``Content-Range``, or SabreDAV's ``X-Update-Range``."""
+    content_type = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
+    try:
+        if content_type == SABREDAV_PARTIAL_UPDATE:
+            values = request.headers.getall("X-Update-Range", [])
+            if len(values) != 1:
+                raise HeaderError(f"{SABREDAV_PARTIAL_UPDATE} needs one X-Update-Range header")
+            return parse_update_range(values[0], size)
+        values = request.headers.getall("Content-Range", [])
+        if len(values) != 1:
+            raise HeaderError(
+                "PATCH needs one 'Content-Range: bytes a-b/*' header"
+                f" (or Content-Type: {SABREDAV_PARTIAL_UPDATE} with X-Update-Range)"
+            )
+        rng = parse_content_range(values[0])
+    except HeaderError as exc:
+        raise ApiError(400, "bad_range", str(exc)) from exc
+    return WriteRange(rng.start, rng.end)
+
+
+async def patch_file(request: web.Request, state: DataState, path: str) -> web.Response:
+    """A partial write to an existing file; 204 with the new ETag."""
+    sync = sync_requested(request)
+    async with state.cache.open(path) as inode:
+        check_preconditions(request, Snapshot.of(inode))
+        where = _patch_range(request, inode.attr.size)
+        limit = state.config.max_partial_write
+        body = await stage_body(request, where.expected_length, limit)
+        # The file may have grown while the body arrived: "append" means now.
+        check_preconditions(request, Snapshot.of(inode))
+        try:
+            rng = _patch_range(request, inode.attr.size).resolve(len(body))
+        except HeaderError as exc:
+            raise ApiError(400, "bad_range", str(exc)) from exc
+        if rng.end > MAX_OFFSET:
+            raise ApiError(400, "bad_range", "write would end beyond the largest file offset")
+        await state.cache.write(inode, rng.start, memoryview(body), sync=sync)
+        return web.Response(status=204, headers={"ETag": format_etag(inode.attr.etag)})
+
+
+async def post_file(request: web.Request, state: DataState, path: str) -> web.Response:
+    """``?truncate=N`` and/or ``?fsync``."""
+    truncates = request.query.getall("truncate", [])
+    fsync = sync_requested(request) or "fsync" in request.query
+    if len(truncates) > 1:
+        raise ApiError(400, "bad_request", "truncate given more than once")
+    if not truncates and "fsync" not in request.query:
+        raise ApiError(400, "bad_request", "POST needs ?fsync or ?truncate=N")
+    size = None
+    if truncates:
+        try:
+            size = parse_decimal(truncates[0], name="truncate", maximum=MAX_OFFSET)
+        except HeaderError as exc:
+            raise ApiError(400, "bad_request", str(exc)) from exc
+    async with state.cache.open(path) as inode:
+        check_preconditions(request, Snapshot.of(inode))
+        if size is not None:
+            await inode.truncate(size)
+        if fsync:
+            await inode.fsync()
+        headers = {"ETag": format_etag(inode.attr.etag)} if size is not None else {}
+        return web.Response(status=204, headers=headers)
+
+
+async def delete_file(request: web.Request, state: DataState, path: str) -> web.Response:
+    if conditions(request):
+        check_preconditions(request, await _current(state.cache, path))
+    await state.cache.remove(path)
+    return web.Response(status=204)
+
+
+# ---------------------------------------------------------------------------
+# Who may write
+
+
+def check_writable(request: web.Request, state: DataState) -> None:
+    """Raises the 401/403/405/415 ApiError unless ``request`` may write."""
+    check_write_allowed(request, state.config)
+    check_body_coding(request)
+    if not state.cache.origin.capabilities.writable:
+        raise ApiError(
+            405,
+            "not_supported",
+            f"the origin {state.cache.origin.description} is read-only: writes are not possible"
+            " (an http(s):// origin takes writes only with --http-origin-writes)",
+            {"Allow": "GET, HEAD"},
+        )
 
 
 def check_write_allowed(request: web.Request, config: Config) -> None:
@@ -86,6 +259,10 @@ def check_body_coding(request: web.Request) -> None:
                     "unsupported_media_type",
                     f"content-coded request bodies are not accepted ({coding.strip()})",
                 )
+
+
+# ---------------------------------------------------------------------------
+# Request bodies
 
 
 async def _read_some(request: web.Request) -> bytes:

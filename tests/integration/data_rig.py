@@ -23,12 +23,13 @@ import uvloop
 from aiohttp import web
 from yarl import URL
 
-from cachesvc.api.data import STATE_KEY, make_data_app
+from cachesvc.api.data import make_data_app
 from cachesvc.api.fastconn import FastSite
 from cachesvc.api.fastpath import FastReads
 from cachesvc.api.inflight import InFlight
+from cachesvc.api.listener import runner_options
 from cachesvc.api.metrics import Metrics
-from cachesvc.api.writes import runner_options
+from cachesvc.api.webrequest import STATE_KEY
 from cachesvc.config import Config, HostPort
 from cachesvc.core.cache import CacheOptions, FileCache
 from cachesvc.core.memfile import MemoryFile

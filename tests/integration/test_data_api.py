@@ -18,7 +18,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from cachesvc.api import responses
+from cachesvc.api import streaming
 from tests.integration.data_rig import (
     DataServer,
     KiB,
@@ -92,7 +92,7 @@ async def test_get_whole_file(server: DataServer, session: aiohttp.ClientSession
 
 
 # Headers that send a request down each read path: the fast path takes a
-# plain GET; any other header makes it aiohttp's (see api/simplehttp.py).
+# plain GET; any other header makes it aiohttp's (see api/http/simple.py).
 READ_PATHS = {"fast": {}, "aiohttp": {"X-Not-Simple": "1"}}
 
 
@@ -542,7 +542,7 @@ async def test_a_slow_client_gets_the_whole_body(
 async def test_a_client_that_reads_nothing_is_cut_off(
     server: DataServer, via: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(responses, "SEND_IDLE_TIMEOUT", 0.5)
+    monkeypatch.setattr(streaming, "SEND_IDLE_TIMEOUT", 0.5)
     write_file(server.root / "huge.bin", 5, HUGE)
     answered = await server.answered()
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)

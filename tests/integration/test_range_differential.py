@@ -14,7 +14,7 @@ nginx runs with ``max_ranges 64``, the same limit as cachesvc's default
 of DESIGN.md, nginx's an HTML page.
 
 :data:`DIVERGENCES` lists, with a reason each, the headers where DESIGN.md
-(and the notes of ``cachesvc/api/httpranges.py``) choose differently from
+(and the notes of ``cachesvc/api/http/ranges.py``) choose differently from
 nginx; for those the test asserts nginx's behaviour as recorded and ours as
 documented.
 """

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cachesvc.api.simplehttp import MAX_HEAD, SimpleRequest, parse_simple
+from cachesvc.api.http.simple import MAX_HEAD, SimpleRequest, parse_simple
 
 BASE = "GET /files/a/b.bin HTTP/1.1\r\nHost: h"
 

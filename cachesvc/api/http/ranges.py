@@ -1,8 +1,9 @@
-"""HTTP byte ranges, write ranges, multipart/byteranges and preconditions.
+"""HTTP byte ranges and write ranges: pure functions, no I/O.
 
-Pure functions, no I/O. This is the only module that converts HTTP's
-inclusive ``first-last`` positions to the half-open :class:`Range` used
-everywhere else.
+This is the only module that converts HTTP's inclusive ``first-last``
+positions to the half-open :class:`Range` used everywhere else
+(:mod:`cachesvc.api.http.multipart` frames its parts with
+:func:`format_content_range`).
 
 Range requests (RFC 9110 §14.1-14.2), as :func:`parse_range` reads them:
 
@@ -27,40 +28,27 @@ Range requests (RFC 9110 §14.1-14.2), as :func:`parse_range` reads them:
 
 Writes take ``Content-Range: bytes a-b/*`` (:func:`parse_content_range`) or
 SabreDAV's ``X-Update-Range`` (:func:`parse_update_range`); both are strict,
-and errors raise :class:`HeaderError` (a 400 in the API layer).
-
-Conditional requests follow the evaluation order of RFC 9110 §13.2.2
-(:func:`evaluate_preconditions`, :func:`if_range_allows`).
+and errors raise :class:`~cachesvc.api.http.HeaderError` (a 400 in the API
+layer), as do bad decimal parameters (:func:`parse_decimal`).
 """
 
 from __future__ import annotations
 
 import enum
-import math
 import re
-import secrets
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from cachesvc.api.http import HeaderError
 from cachesvc.core.ranges import MAX_OFFSET, Range
-from cachesvc.wire import parse_http_date
 
 __all__ = [
-    "EntityTag",
-    "HeaderError",
-    "MultipartPart",
-    "MultipartPlan",
     "RangeKind",
     "RangeOutcome",
     "WriteRange",
-    "evaluate_preconditions",
     "format_content_range",
-    "format_etag",
-    "if_range_allows",
     "parse_content_range",
     "parse_decimal",
-    "parse_entity_tags",
     "parse_range",
     "parse_update_range",
     "unsatisfied_content_range",
@@ -80,17 +68,6 @@ _FIRST_LAST = re.compile(r"bytes=([0-9]{1,18})-([0-9]{1,18})")
 _CONTENT_RANGE = re.compile(r"bytes[ \t]+([0-9]+)-([0-9]+)/([0-9]+|\*)", re.ASCII | re.IGNORECASE)
 _UPDATE_RANGE = re.compile(r"bytes=(?:([0-9]+)-([0-9]*)|-([0-9]+))", re.ASCII | re.IGNORECASE)
 _DIGITS = re.compile(r"[0-9]+")
-# etagc = %x21 / %x23-7E / obs-text; obs-text (%x80-FF) is accepted as any non-ASCII.
-_ETAG_OPAQUE = re.compile(r"[\x21\x23-\x7e\x80-\U0010ffff]*")
-# bchars of RFC 2046 §5.1.1 (the space is left out: it may not end a boundary anyway).
-_BOUNDARY = re.compile(r"[0-9A-Za-z'()+_,\-./:=?]{1,70}")
-_HEADER_VALUE = re.compile(r"[\x20-\x7e\t]*")
-_CRLF = b"\r\n"
-_SAFE_METHODS = frozenset({"GET", "HEAD"})
-
-
-class HeaderError(ValueError):
-    """A request header or parameter value is malformed or out of bounds."""
 
 
 def _number(digits: str) -> int:
@@ -322,238 +299,3 @@ def parse_decimal(text: str, *, name: str, maximum: int) -> int:
     if len(significant) > len(str(maximum)) or int(significant or "0") > maximum:
         raise HeaderError(f"{name} must be at most {maximum}")
     return int(significant or "0")
-
-
-# ---------------------------------------------------------------------------
-# multipart/byteranges
-
-
-@dataclass(frozen=True, slots=True)
-class MultipartPart:
-    """One body part of a multipart/byteranges response. Immutable."""
-
-    rng: Range
-    # Written right before the part's bytes: delimiter, part headers, blank line.
-    header: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class MultipartPlan:
-    """The exact framing of a multipart/byteranges body (RFC 9110 §14.6). Immutable.
-
-    The body is, for each part, ``part.header`` then the file bytes of
-    ``part.rng``; then ``trailer``. Its length is ``content_length``.
-    """
-
-    boundary: str
-    parts: tuple[MultipartPart, ...]
-    # The close delimiter, written after the last part.
-    trailer: bytes
-    content_length: int
-
-    @property
-    def content_type(self) -> str:
-        """The response's ``Content-Type`` header value."""
-        return f"multipart/byteranges; boundary={self.boundary}"
-
-    @classmethod
-    def build(
-        cls,
-        ranges: Sequence[Range],
-        size: int,
-        content_type: str | None,
-        boundary: str | None = None,
-    ) -> MultipartPlan:
-        """Frames ``ranges`` of a ``size``-byte file, in the given order.
-
-        ``content_type`` is repeated in every part (left out when None);
-        ``boundary`` defaults to 32 random hex digits.
-        """
-        if not ranges:
-            raise ValueError("a multipart/byteranges body needs at least one range")
-        if boundary is None:
-            boundary = secrets.token_hex(16)
-        elif _BOUNDARY.fullmatch(boundary) is None:
-            raise ValueError(f"invalid multipart boundary {boundary!r}")
-        type_line = b""
-        if content_type is not None:
-            if _HEADER_VALUE.fullmatch(content_type) is None:
-                raise ValueError(f"invalid part content type {content_type!r}")
-            type_line = b"Content-Type: " + content_type.encode("ascii") + _CRLF
-        delimiter = b"--" + boundary.encode("ascii") + _CRLF
-        parts: list[MultipartPart] = []
-        length = 0
-        for rng in ranges:
-            header = (
-                (_CRLF if parts else b"")
-                + delimiter
-                + type_line
-                + b"Content-Range: "
-                + format_content_range(rng, size).encode("ascii")
-                + _CRLF
-                + _CRLF
-            )
-            parts.append(MultipartPart(rng, header))
-            length += len(header) + rng.end - rng.start
-        trailer = _CRLF + b"--" + boundary.encode("ascii") + b"--" + _CRLF
-        return cls(boundary, tuple(parts), trailer, length + len(trailer))
-
-
-# ---------------------------------------------------------------------------
-# Entity tags and dates
-
-
-class EntityTag(NamedTuple):
-    """A parsed entity-tag (RFC 9110 §8.8.3); ``opaque`` is without quotes."""
-
-    weak: bool
-    opaque: str
-
-    def strong_match(self, other: EntityTag) -> bool:
-        """Both strong and character-for-character equal."""
-        return not self.weak and not other.weak and self.opaque == other.opaque
-
-    def weak_match(self, other: EntityTag) -> bool:
-        """Equal opaque tags, whether weak or not."""
-        return self.opaque == other.opaque
-
-
-def format_etag(token: str) -> str:
-    """The strong ``ETag`` header value for ``token``: the token in double quotes."""
-    if not token.isascii() or _ETAG_OPAQUE.fullmatch(token) is None:
-        raise ValueError(f"invalid entity-tag characters in {token!r}")
-    return f'"{token}"'
-
-
-def parse_entity_tags(value: str) -> list[EntityTag]:
-    """Parses a ``#entity-tag`` list (If-Match, If-None-Match, ETag).
-
-    Commas inside quotes belong to the tag; empty list elements are
-    skipped; ``W/`` is case-sensitive. The ``*`` form is the caller's to
-    handle. Raises :class:`HeaderError` when the value is malformed.
-    """
-    tags: list[EntityTag] = []
-    pos, length = 0, len(value)
-    while True:
-        while pos < length and value[pos] in " \t,":
-            pos += 1
-        if pos == length:
-            return tags
-        weak = value.startswith("W/", pos)
-        if weak:
-            pos += 2
-        if not value.startswith('"', pos):
-            raise HeaderError("entity-tag must be a quoted string")
-        close = value.find('"', pos + 1)
-        if close < 0:
-            raise HeaderError("unterminated entity-tag")
-        opaque = value[pos + 1 : close]
-        if _ETAG_OPAQUE.fullmatch(opaque) is None:
-            raise HeaderError("invalid character in entity-tag")
-        tags.append(EntityTag(weak, opaque))
-        pos = close + 1
-        while pos < length and value[pos] in _OWS:
-            pos += 1
-        if pos < length and value[pos] != ",":
-            raise HeaderError("entity-tags must be separated by commas")
-
-
-def _resource_tag(etag: str | None) -> EntityTag | None:
-    """The representation's own entity-tag; a malformed one is a bug."""
-    if etag is None:
-        return None
-    tags = parse_entity_tags(etag)
-    if len(tags) != 1:
-        raise ValueError(f"not a single entity-tag: {etag!r}")
-    return tags[0]
-
-
-# ---------------------------------------------------------------------------
-# Preconditions
-
-
-def _list_matches(value: str, tag: EntityTag | None, exists: bool, *, weak: bool) -> bool:
-    """Whether an If-Match / If-None-Match value matches the representation.
-
-    A malformed list matches nothing.
-    """
-    if value.strip(_OWS) == "*":
-        return exists
-    if tag is None:
-        return False
-    try:
-        candidates = parse_entity_tags(value)
-    except HeaderError:
-        return False
-    if weak:
-        return any(tag.weak_match(candidate) for candidate in candidates)
-    return any(tag.strong_match(candidate) for candidate in candidates)
-
-
-def evaluate_preconditions(
-    method: str,
-    headers: Mapping[str, str],
-    etag: str | None,
-    last_modified: float | None,
-    exists: bool,
-) -> int | None:
-    """Evaluates conditional headers in RFC 9110 §13.2.2 order.
-
-    ``headers`` is looked up by canonical name (``If-Match`` ...), so it
-    should be case-insensitive, as aiohttp's request headers are; a field
-    sent several times should be passed joined with commas. ``etag`` is the
-    representation's ``ETag`` header value and ``last_modified`` its
-    modification time (compared in whole seconds, as ``Last-Modified``
-    carries it); both are None when the file does not exist.
-
-    Returns None to proceed, 304 (Not Modified, GET/HEAD) or 412
-    (Precondition Failed). If-Range is separate: :func:`if_range_allows`.
-    """
-    tag = _resource_tag(etag)
-    modified = None if last_modified is None else math.floor(last_modified)
-    # Step 1 and 2: If-Match, else If-Unmodified-Since.
-    if_match = headers.get("If-Match")
-    if if_match is not None:
-        if not _list_matches(if_match, tag, exists, weak=False):
-            return 412
-    else:
-        unmodified_since = headers.get("If-Unmodified-Since")
-        if unmodified_since is not None and modified is not None:
-            date = parse_http_date(unmodified_since)
-            if date is not None and modified > date:
-                return 412
-    # Step 3 and 4: If-None-Match, else If-Modified-Since on GET/HEAD.
-    if_none_match = headers.get("If-None-Match")
-    if if_none_match is not None:
-        if _list_matches(if_none_match, tag, exists, weak=True):
-            return 304 if method in _SAFE_METHODS else 412
-    elif method in _SAFE_METHODS:
-        modified_since = headers.get("If-Modified-Since")
-        if modified_since is not None and modified is not None:
-            date = parse_http_date(modified_since)
-            if date is not None and modified <= date:
-                return 304
-    return None
-
-
-def if_range_allows(header: str | None, etag: str | None, last_modified: float | None) -> bool:
-    """Whether a Range may be honoured under this ``If-Range`` value (RFC 9110 §13.1.5).
-
-    True without If-Range. An entity-tag must match strongly (a weak one
-    never does); a date must equal ``Last-Modified`` exactly (in whole
-    seconds). A malformed value does not match, so the full body is sent.
-    """
-    if header is None:
-        return True
-    value = header.strip(_OWS)
-    if value.startswith(('"', "W/")):
-        tag = _resource_tag(etag)
-        if tag is None:
-            return False
-        try:
-            candidates = parse_entity_tags(value)
-        except HeaderError:
-            return False
-        return len(candidates) == 1 and tag.strong_match(candidates[0])
-    date = parse_http_date(value)
-    return date is not None and last_modified is not None and math.floor(last_modified) == date
