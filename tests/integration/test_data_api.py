@@ -552,7 +552,7 @@ async def test_a_client_that_reads_nothing_is_cut_off(
         await writer.drain()
         # Read nothing until the server has given up on the answer (the send
         # timeout under test) and is idle again.
-        await server.idle(answered=answered + 1, timeout=20 * responses.SEND_IDLE_TIMEOUT)
+        await server.idle(answered=answered + 1, timeout=20 * streaming.SEND_IDLE_TIMEOUT)
         received = 0
         async with asyncio.timeout(30):
             while chunk := await reader.read(MiB):
