@@ -30,6 +30,7 @@ class Transfer:
 
     bytes_sent: int = 0
     missed: int | None = None  # bytes filled from the origin; None: no cache read
+    bypassed: int = 0  # bytes read pass-through (no room in the cache)
     aborted: str = ""  # why the body was cut short, if it was
 
     def note(self, mapping: Mapping) -> None:
@@ -38,10 +39,18 @@ class Transfer:
     def note_hit(self) -> None:
         self.missed = self.missed or 0
 
+    def note_bypass(self, length: int) -> None:
+        self.note_hit()
+        self.bypassed += length
+
     @property
     def cache_status(self) -> str:
+        """hit (every byte from the cache), miss (some filled from the
+        origin), bypass (some read pass-through), or - (no body read)."""
         if self.missed is None:
             return "-"
+        if self.bypassed:
+            return "bypass"
         return "miss" if self.missed else "hit"
 
 
@@ -56,7 +65,7 @@ def record_request(
 ) -> None:
     """Counts one answered request and writes its access log line."""
     method = method if method in KNOWN_METHODS else "OTHER"
-    metrics.observe_request(method, status, seconds)
+    metrics.observe_request(method, status, seconds, transfer.cache_status)
     if access_log.isEnabledFor(logging.INFO):  # skip building the record
         path = target[:1024]
         access_log.info(

@@ -17,6 +17,8 @@ from aiohttp import web
 
 from cachesvc.api.http.paths import BadPath
 from cachesvc.api.reads import KeptChanging
+from cachesvc.core.budget import NoRoom
+from cachesvc.core.cache import PinLimit
 from cachesvc.core.errors import CacheFull
 from cachesvc.core.memfile import MemoryFileFull
 from cachesvc.origins.base import (
@@ -52,6 +54,8 @@ ERROR_TABLE: tuple[tuple[type[Exception], int, str], ...] = (
     (OriginPermissionDenied, 403, "forbidden"),
     (OriginUnsupported, 405, "not_supported"),
     (OriginNoSpace, 507, "insufficient_storage"),
+    (PinLimit, 507, "pin_limit"),
+    (NoRoom, 507, "no_room"),
     (CacheFull, 507, "cache_full"),
     (MemoryFileFull, 507, "cache_full"),
     (OriginTimeout, 504, "origin_timeout"),

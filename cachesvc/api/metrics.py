@@ -36,6 +36,8 @@ from cachesvc.core.cache import FileCache
 from cachesvc.core.memfile import MemoryKind
 
 PREFIX = "cachesvc"
+# The cache results of a read, as the access log writes them.
+CACHE_RESULTS = ("hit", "miss", "bypass")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 _LATENCY_BUCKETS = (
@@ -88,11 +90,38 @@ class CacheCollector(Collector):
         )
         yield gauge("memory_file_size_bytes", "Size of the backing memory file.", memfile.file_size)
         yield gauge(
+            "memory_allocated_peak_bytes",
+            "The most page-cache bytes allocated at once since the start.",
+            memfile.peak_allocated_bytes(MemoryKind.PAGE_CACHE),
+        )
+        yield gauge(
             "memory_limit_bytes", "The page-cache budget (--cache-size).", cache.options.cache_size
+        )
+        yield gauge("memory_pinned_bytes", "Cache bytes held by operator pins.", cache.pinned_bytes)
+        yield gauge(
+            "memory_prefetched_bytes",
+            "Cache bytes read ahead and not read by a client yet.",
+            cache.policy.prefetched_bytes,
+        )
+        yield gauge(
+            "memory_reserved_bytes",
+            "Budget bytes reserved by fills and writes, not allocated yet.",
+            cache.budget.reserved,
         )
         yield gauge("open_files", "Files with an in-memory inode.", len(cache.files()))
         yield counter("cache_hit_bytes", "Bytes served from the cache.", counters.hit_bytes)
         yield counter("cache_miss_bytes", "Bytes filled from the origin.", counters.miss_bytes)
+        yield counter(
+            "cache_bypass_bytes",
+            "Origin bytes served pass-through, without caching (no room in the budget).",
+            counters.bypass_bytes,
+        )
+        yield counter(
+            "cache_room_refusals",
+            "Reservations refused for lack of room (reads then go pass-through; pins and"
+            " writes get 507).",
+            counters.room_refusals,
+        )
         yield counter("evictions", "Evictions that dropped pages.", counters.evictions)
         yield counter("evicted_bytes", "Bytes dropped by eviction.", counters.evicted_bytes)
         yield counter(
@@ -119,8 +148,12 @@ class RequestCollector(Collector):
     def __init__(self) -> None:
         self._requests: dict[tuple[str, int], int] = {}  # (method, status) -> count
         self._durations: dict[str, _Durations] = {}  # method -> histogram
+        # Reads of file bytes by cache result (hit, miss, bypass) -> count.
+        self._results: dict[str, int] = dict.fromkeys(CACHE_RESULTS, 0)
 
-    def observe(self, method: str, status: int, seconds: float) -> None:
+    def observe(self, method: str, status: int, seconds: float, cache_result: str) -> None:
+        if cache_result in self._results:
+            self._results[cache_result] += 1
         key = (method, status)
         self._requests[key] = self._requests.get(key, 0) + 1
         durations = self._durations.get(method)
@@ -151,6 +184,15 @@ class RequestCollector(Collector):
                 cumulative.append((bound, running))
             durations.add_metric([method], cumulative, sum_value=histogram.total)
         yield durations
+        results = CounterMetricFamily(
+            f"{PREFIX}_cache_requests",
+            "Data requests that read file bytes, by cache result: hit (all from the cache),"
+            " miss (some filled from the origin), bypass (some read pass-through).",
+            labels=["result"],
+        )
+        for result, count in self._results.items():
+            results.add_metric([result], count)
+        yield results
 
 
 class Metrics:
@@ -199,8 +241,8 @@ class Metrics:
         if nbytes:
             self.origin_bytes.labels(direction).inc(nbytes)
 
-    def observe_request(self, method: str, status: int, seconds: float) -> None:
-        self.requests.observe(method, status, seconds)
+    def observe_request(self, method: str, status: int, seconds: float, cache_result: str) -> None:
+        self.requests.observe(method, status, seconds, cache_result)
 
     def exposition(self) -> bytes:
         """The text exposition of every metric."""

@@ -51,9 +51,10 @@ from cachesvc.api.streaming import (
     BodyStreamer,
     Piece,
     SnapshotChanged,
-    map_exact,
-    map_first_chunk,
+    chunk_of,
+    first_chunk,
 )
+from cachesvc.core import mapping
 from cachesvc.core.inode import CachingInode
 from cachesvc.core.ranges import Range
 from cachesvc.wire import format_http_date
@@ -288,14 +289,16 @@ async def _stream(
     changed since ``snap`` raises SnapshotChanged while the request can
     still be answered afresh; later changes abort the body.
     """
-    first = await map_first_chunk(inode, plan.pieces, snap, transfer)
+    first = await first_chunk(inode, plan.pieces, snap, transfer)
     try:
         answer, sink = await front.begin_stream(plan)
     except BaseException:
-        await first.release()
+        if isinstance(first, mapping.Mapping):
+            await first.release()
         raise
     if sink is None:
-        await first.release()
+        if isinstance(first, mapping.Mapping):
+            await first.release()
         return answer
     try:
         await BodyStreamer(sink, inode, snap, transfer).send(plan.pieces, first)
@@ -344,9 +347,10 @@ async def copy_body(
 
 async def range_bytes(inode: CachingInode, rng: Range, snap: Snapshot, transfer: Transfer) -> bytes:
     """A copy of ``rng`` as version ``snap`` has it: from the cache under
-    data_mu, or through a mapping on a miss; SnapshotChanged if a write
-    changed its bytes first. (Nothing awaits between either copy and its
-    check, so the check sees the state the copy was made in.)"""
+    data_mu, or through a mapping on a miss, or pass-through when the cache
+    has no room; SnapshotChanged if a write changed its bytes first.
+    (Nothing awaits between either copy and its check, so the check sees
+    the state the copy was made in.)"""
     cached = await inode.read_cached(rng.start, rng.length)
     if cached is not None and len(cached) == rng.length:
         # Cached: one copy under data_mu, no mapping bookkeeping.
@@ -354,9 +358,10 @@ async def range_bytes(inode: CachingInode, rng: Range, snap: Snapshot, transfer:
             raise SnapshotChanged(f"{inode.path} changed while being read")
         transfer.note_hit()
         return cached
-    mapping = await map_exact(inode, rng, snap)
+    part = await chunk_of(inode, rng, snap, transfer)
+    if isinstance(part, bytes):
+        return part
     try:
-        transfer.note(mapping)
-        return b"".join(mapping.views())
+        return b"".join(part.views())
     finally:
-        await mapping.release()
+        await part.release()

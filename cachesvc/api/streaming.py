@@ -7,10 +7,13 @@ connection (:class:`cachesvc.api.fastconn.FastConnection`) each give a
 :class:`BodySink` over their transport, and one :class:`BodyStreamer`
 sends the body through it.
 
-A streamed body is sent in :data:`CHUNK`-byte mappings, handing the
-mapping's memoryviews to the sink without copying; uvloop keeps a reference
-to a buffer it could not send at once, so each mapping is released only
-once the transport has sent every byte of it.
+A streamed body is sent in chunks of at most :data:`CHUNK` bytes (less in a
+small cache: see :func:`chunk_size`), each a mapping whose memoryviews go
+to the sink without copying; uvloop keeps a reference to a buffer it could
+not send at once, so each mapping is released only once the transport has
+sent every byte of it. When the cache's budget has no room for a chunk
+(:class:`~cachesvc.core.budget.NoRoom`), that chunk is read pass-through
+(:func:`chunk_of`): origin bytes copied to the sink without caching them.
 
 Why memoryviews and not ``os.sendfile`` from the memory file: uvloop has no
 ``loop.sendfile``, so sendfile needs the raw socket (a dup of it, with its
@@ -43,14 +46,20 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from cachesvc.api.access import Transfer
+from cachesvc.core.budget import NoRoom
 from cachesvc.core.inode import CachingInode
 from cachesvc.core.mapping import Mapping, release_all
 from cachesvc.core.ranges import Range
 
 log = logging.getLogger("cachesvc.api")
 
-# Bytes mapped (and held) per step of a streamed body.
+# Bytes mapped (and held) per step of a streamed body, at most; and at least,
+# however small the cache.
 CHUNK = 4 << 20
+MIN_CHUNK = 256 << 10
+# A response maps at most this share of the page-cache budget at once, so
+# that concurrent streams do not hold the whole cache.
+CHUNK_SHARE = 32
 # A streamed response whose client takes longer than this to accept one
 # chunk is aborted.
 SEND_IDLE_TIMEOUT = 60.0
@@ -109,25 +118,43 @@ async def until_sent(transport: asyncio.Transport, resumed: Callable[[], Awaitab
             transport.set_write_buffer_limits(high=high, low=low)
 
 
-async def map_exact(inode: CachingInode, rng: Range, version: Version) -> Mapping:
-    """Maps ``rng``; SnapshotChanged if its bytes are no longer ``version``'s."""
-    mapping = await inode.map_range(rng.start, rng.length)
+def chunk_size(inode: CachingInode) -> int:
+    """Bytes one response maps at once: CHUNK, or a 32nd of the budget if
+    that is less, at least MIN_CHUNK."""
+    return min(CHUNK, max(MIN_CHUNK, inode.host.budget.limit // CHUNK_SHARE))
+
+
+async def chunk_of(
+    inode: CachingInode, rng: Range, version: Version, transfer: Transfer
+) -> Mapping | bytes:
+    """The bytes of ``rng`` as ``version`` has them: mapped from the cache, or,
+    when the budget has no room for them, a pass-through copy. Raises
+    SnapshotChanged if they are no longer ``version``'s."""
+    try:
+        mapping = await inode.map_range(rng.start, rng.length)
+    except NoRoom:
+        data = await inode.read_through(rng.start, rng.length)
+        # Nothing awaits between the copy and the check.
+        if len(data) != rng.length or not version.holds(inode, rng):
+            raise SnapshotChanged(f"{inode.path} changed while being read") from None
+        transfer.note_bypass(len(data))
+        return data
     if mapping.length != rng.length or not version.holds(inode, rng):
         await mapping.release()
         raise SnapshotChanged(f"{inode.path} changed while being read")
+    transfer.note(mapping)
     return mapping
 
 
-async def map_first_chunk(
+async def first_chunk(
     inode: CachingInode, pieces: Sequence[Piece], version: Version, transfer: Transfer
-) -> Mapping:
-    """Maps the first CHUNK of the first file range of a streamed body, before
-    its headers go out: a file that changed since ``version`` raises
+) -> Mapping | bytes:
+    """The first chunk of the first file range of a streamed body, taken
+    before its headers go out: a file that changed since ``version`` raises
     SnapshotChanged while the request can still be answered afresh."""
     rng = next(piece for piece in pieces if isinstance(piece, Range))
-    first = await map_exact(inode, Range(rng.start, min(rng.end, rng.start + CHUNK)), version)
-    transfer.note(first)
-    return first
+    end = min(rng.end, rng.start + chunk_size(inode))
+    return await chunk_of(inode, Range(rng.start, end), version, transfer)
 
 
 class BodyStreamer:
@@ -146,23 +173,27 @@ class BodyStreamer:
         self._held: collections.deque[tuple[int, Mapping]] = collections.deque()
         self._written = 0  # body bytes handed to the sink
 
-    async def send(self, pieces: Sequence[Piece], first: Mapping | None) -> None:
-        """Sends ``pieces``; ``first``, if given, maps the start of the first
-        range. Raises BodyAborted if the body could not be sent whole."""
+    async def send(self, pieces: Sequence[Piece], first: Mapping | bytes | None) -> None:
+        """Sends ``pieces``; ``first``, if given, holds the start of the first
+        range (see first_chunk). Raises BodyAborted if the body could not be
+        sent whole."""
+        chunk = chunk_size(self._inode)
         try:
             for piece in pieces:
                 if isinstance(piece, bytes):
                     await self._write(piece)
                     continue
-                for start in range(piece.start, piece.end, CHUNK):
-                    rng = Range(start, min(start + CHUNK, piece.end))
+                for start in range(piece.start, piece.end, chunk):
+                    rng = Range(start, min(start + chunk, piece.end))
                     if first is not None:
-                        mapping, first = first, None
+                        part, first = first, None
                     else:
-                        mapping = await map_exact(self._inode, rng, self._version)
-                        self._transfer.note(mapping)
-                    self._held.append((self._written + rng.length, mapping))
-                    for view in mapping.views():
+                        part = await chunk_of(self._inode, rng, self._version, self._transfer)
+                    if isinstance(part, bytes):
+                        await self._write(part)  # pass-through: nothing to release
+                        continue
+                    self._held.append((self._written + rng.length, part))
+                    for view in part.views():
                         await self._write(view)
                     await self._release_sent()
             async with asyncio.timeout(SEND_IDLE_TIMEOUT):
@@ -185,7 +216,9 @@ class BodyStreamer:
         finally:
             held = [mapping for _, mapping in self._held]
             self._held.clear()
-            await release_all([first, *held] if first is not None else held)
+            if isinstance(first, Mapping):
+                held.append(first)
+            await release_all(held)
 
     async def _write(self, data: bytes | memoryview) -> None:
         async with asyncio.timeout(SEND_IDLE_TIMEOUT):

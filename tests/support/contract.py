@@ -1,5 +1,5 @@
-"""The metric contract of DESIGN.md ("Metrics"), in one place for the tests
-that check a live /metrics and the Grafana dashboard against it."""
+"""The metric contract (the README's metrics table), in one place for the
+tests that check a live /metrics and the Grafana dashboard against it."""
 
 from __future__ import annotations
 
@@ -13,9 +13,16 @@ METRICS: dict[str, tuple[str, frozenset[str]]] = {
     "memory_allocated_bytes": ("gauge", frozenset()),
     "memory_file_size_bytes": ("gauge", frozenset()),
     "memory_limit_bytes": ("gauge", frozenset()),
+    "memory_allocated_peak_bytes": ("gauge", frozenset()),
+    "memory_pinned_bytes": ("gauge", frozenset()),
+    "memory_prefetched_bytes": ("gauge", frozenset()),
+    "memory_reserved_bytes": ("gauge", frozenset()),
     "open_files": ("gauge", frozenset()),
     "cache_hit_bytes": ("counter", frozenset()),
     "cache_miss_bytes": ("counter", frozenset()),
+    "cache_bypass_bytes": ("counter", frozenset()),
+    "cache_room_refusals": ("counter", frozenset()),
+    "cache_requests": ("counter", frozenset({"result"})),
     "origin_requests": ("counter", frozenset({"op", "outcome"})),
     "origin_bytes": ("counter", frozenset({"direction"})),
     "evictions": ("counter", frozenset()),

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from cachesvc.api.metrics import _LATENCY_BUCKETS, PREFIX, RequestCollector
+from cachesvc.api.metrics import _LATENCY_BUCKETS, CACHE_RESULTS, PREFIX, RequestCollector
 
 observations = st.lists(
     st.tuples(
@@ -17,6 +17,7 @@ observations = st.lists(
             st.sampled_from(_LATENCY_BUCKETS),  # exactly on a bound: "le" includes it
             st.floats(0.0, 100.0, allow_nan=False),
         ),
+        st.sampled_from(["hit", "miss", "bypass", "-"]),
     ),
     max_size=40,
 )
@@ -24,7 +25,7 @@ observations = st.lists(
 
 @settings(max_examples=60, deadline=None)
 @given(observations)
-def test_exposition_equals_prometheus_clients(seen: list[tuple[str, int, float]]) -> None:
+def test_exposition_equals_prometheus_clients(seen: list[tuple[str, int, float, str]]) -> None:
     ours = CollectorRegistry()
     collector = RequestCollector()
     ours.register(collector)
@@ -42,10 +43,21 @@ def test_exposition_equals_prometheus_clients(seen: list[tuple[str, int, float]]
         buckets=_LATENCY_BUCKETS,
         registry=theirs,
     )
-    for method, status, seconds in seen:
-        collector.observe(method, status, seconds)
+    results = Counter(
+        f"{PREFIX}_cache_requests",
+        "Data requests that read file bytes, by cache result: hit (all from the cache),"
+        " miss (some filled from the origin), bypass (some read pass-through).",
+        ["result"],
+        registry=theirs,
+    )
+    for result in CACHE_RESULTS:
+        results.labels(result)
+    for method, status, seconds, result in seen:
+        collector.observe(method, status, seconds, result)
         requests.labels(method, str(status)).inc()
         durations.labels(method).observe(seconds)
+        if result != "-":
+            results.labels(result).inc()
     assert _lines(generate_latest(ours)) == _lines(generate_latest(theirs))
 
 
