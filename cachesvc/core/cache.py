@@ -11,7 +11,8 @@ finds an extent's owner for the driver by the inode's table slot.
 An inode is forgotten only when it has no cached pages, no dirty data, no
 mappings and no users, so two inodes never cache the same path; an idle
 inode that keeps cached pages is settled (its locks and history dropped).
-Beyond ``max_inodes`` files, the least recently opened are evicted whole.
+Beyond ``max_inodes`` files, extents are evicted through the driver, in
+the policy's order, until idle files have gone below it.
 
 Lock order: FileCache takes no lock of its own (the budget takes its
 evict_mu); it calls inode methods that take the inode's locks (see
@@ -22,7 +23,6 @@ inode_state.py), and takes an inode's locks itself only in ``replace`` and
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import time
@@ -89,8 +89,11 @@ class FileCache:
         self.max_pinned = (
             options.max_pinned if options.max_pinned is not None else options.cache_size // 2
         )
-        # path -> inode, least recently opened first. Protected by the event loop.
-        self._inodes: collections.OrderedDict[str, CachingInode] = collections.OrderedDict()
+        # path -> inode. Protected by the event loop.
+        self._inodes: dict[str, CachingInode] = {}
+        # The task bringing the file count under max_inodes, if one runs.
+        # Protected by the event loop.
+        self._limiting: asyncio.Task[None] | None = None
         # Table slots (extent keys name an inode by its slot), and the free
         # ones. Protected by the event loop.
         self._slots: list[CachingInode | None] = []
@@ -158,11 +161,12 @@ class FileCache:
 
     async def close(self) -> list[WritebackFailure]:
         """Stops background work, writes everything back; returns what failed."""
-        if self._daemon is not None:
-            self._daemon.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._daemon
-            self._daemon = None
+        for stopping in (self._daemon, self._limiting):
+            if stopping is not None:
+                stopping.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await stopping
+        self._daemon = self._limiting = None
         failures = await self.sync_all()
         for mappings in list(self._pins.values()):
             for mapping in mappings:
@@ -181,7 +185,7 @@ class FileCache:
         return self.options.writethrough
 
     def files(self) -> list[CachingInode]:
-        """Cached files, least recently opened first."""
+        """Cached files, in the order they were opened."""
         return list(self._inodes.values())
 
     def lookup(self, path: str) -> CachingInode | None:
@@ -189,14 +193,12 @@ class FileCache:
 
     def peek(self, path: str) -> CachingInode | None:
         """The inode of ``path`` if it is in the table and due for no
-        revalidation: what a read may use without suspending. Counts as a
-        use (recency), like :meth:`open`."""
+        revalidation: what a read may use without suspending."""
         inode = self._inodes.get(path)
         if inode is None:
             return None
         if time.monotonic() - inode.validated_at >= self.options.revalidate:
             return None
-        self._inodes.move_to_end(path)
         return inode
 
     @contextlib.asynccontextmanager
@@ -227,7 +229,6 @@ class FileCache:
         ``known``, a stat just returned by a write) if there is none."""
         inode = self._inodes.get(path)
         if inode is not None:
-            self._inodes.move_to_end(path)
             await self._maybe_revalidate(inode)
             if self._inodes.get(path) is inode:
                 return inode
@@ -300,15 +301,18 @@ class FileCache:
             self.flusher.forget(inode)
 
     def _limit_inodes(self) -> None:
-        excess = len(self._inodes) - self.options.max_inodes
-        if excess > 0:
-            victims = list(self._inodes.values())[:excess]
-            self.spawn(self._evict_files(victims))
+        if len(self._inodes) > self.options.max_inodes and self._limiting is None:
+            self._limiting = asyncio.create_task(self._evict_files(), name="file limit")
 
-    async def _evict_files(self, victims: list[CachingInode]) -> None:
-        """Evicts every evictable extent of ``victims`` (the inode limit)."""
-        for inode in victims:
-            await self.driver.evict_extents(inode, inode.cached_extents())
+    async def _evict_files(self) -> None:
+        """Evicts extents, in the policy's order, until files that became idle
+        have been forgotten below ``max_inodes`` (or nothing can be evicted)."""
+        try:
+            while len(self._inodes) > self.options.max_inodes:
+                if not await self.driver.evict(1):
+                    return
+        finally:
+            self._limiting = None
 
     async def replace(self, path: str, chunks: AsyncIterable[bytes]) -> tuple[CachingInode, bool]:
         """Replaces ``path`` with the streamed bytes; returns (inode, created).

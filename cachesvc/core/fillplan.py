@@ -1,11 +1,12 @@
 """Fills: origin reads in flight for page-aligned ranges of one file, and the
-planning of new ones (sharing with fills already in flight, whole extents,
-readahead).
+planning of new ones (sharing with fills already in flight, readahead).
 
-Follows maxFillRange in the reference design, widened to the extents the
-eviction policy tracks: a miss is filled by whole extents, together with
-the bytes after it up to a readahead window, bounded by the next cached
-page, the end of the file and MAX_FILL. The fills are run by the read
+Follows maxFillRange in the reference design (a 64 KiB window), aligned to
+the extents the eviction policy tracks: a miss is filled by the whole
+extents it touches (so that what is cached and evicted is whole extents,
+as a simulation of the policy at extent granularity assumes), together
+with the bytes after it up to a readahead window, bounded by the next
+cached page, the end of the file and MAX_FILL. The fills are run by the read
 layer of the inode (:mod:`cachesvc.core.fills`).
 """
 

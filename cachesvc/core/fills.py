@@ -8,11 +8,12 @@ CachingInodeOperations in the reference design (``Translate`` and
 - A fill runs without ``data_mu``: reads of cached ranges never wait for
   it, and concurrent misses of the same range share it. A write or
   truncate that overtakes a fill marks it stale, and its bytes are dropped.
-- A miss fills whole extents (64 KiB), together with the bytes after it up
-  to a readahead window that starts at 64 KiB and doubles on sequential
-  access, bounded by the next cached page, the end of the file and
-  ``MAX_FILL``; readahead keeps windows in flight ahead of a sequential
-  reader, so the origin is read while the caller sends what it has.
+- A miss fills the whole 64 KiB extents it touches and, on sequential
+  access, the bytes after it up to a readahead window that starts at
+  64 KiB and doubles, bounded by the next cached page, the end of the file
+  and ``MAX_FILL``; readahead keeps windows in flight ahead of a
+  sequential reader, so the origin is read while the caller sends what it
+  has. With ``--readahead 0`` a miss fills only its own extents.
 - A fill reserves its bytes in the budget before allocating them. The
   pages it brings in belong to the readers waiting on it until each has
   mapped them or gone away (the fill's *holds*): eviction cannot take them

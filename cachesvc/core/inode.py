@@ -21,7 +21,7 @@ from cachesvc.core.eviction.driver import ExtentState
 from cachesvc.core.hostmem import PAGE_SIZE
 from cachesvc.core.inode_state import END
 from cachesvc.core.memfile import MemoryKind
-from cachesvc.core.pages import extent_indexes, extent_range, page_down, page_range
+from cachesvc.core.pages import extent_range, page_down, page_range
 from cachesvc.core.ranges import Range
 from cachesvc.core.writeback import WritebackInode
 from cachesvc.origins.base import OriginStat, OriginUnsupported
@@ -243,13 +243,6 @@ class CachingInode(WritebackInode):
                 dropped += self._drop_locked(free, dirty_too=False)
         self.host.forget_if_idle(self)
         return dropped
-
-    def cached_extents(self) -> list[int]:
-        """The indexes of the extents with cached pages, ascending."""
-        indexes: list[int] = []
-        for rng, _ in self.cache_set:
-            indexes += [i for i in extent_indexes(rng) if not indexes or i > indexes[-1]]
-        return indexes
 
     async def drop_clean(self) -> int:
         """Drops every unmapped clean cached page; returns bytes dropped."""

@@ -43,7 +43,7 @@ import hashlib
 import time
 from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Final, Protocol
 
 from cachesvc.core.accounting import CacheCounters
 from cachesvc.core.budget import MemoryBudget
@@ -100,7 +100,7 @@ class InodeHost(Protocol):
         """Runs ``coro`` in the background."""
 
 
-@functools.lru_cache(maxsize=65536)
+@functools.lru_cache(maxsize=4096)
 def make_etag(etag_base: str, version: int) -> str:
     """The strong ETag of local version ``version`` of origin version ``etag_base``."""
     return hashlib.blake2b(f"{etag_base}/{version}".encode(), digest_size=12).hexdigest()
@@ -146,10 +146,32 @@ class InodeState:
     """The state of one cached file; see the module docstring."""
 
     __slots__ = (
-        "_changes", "_evictability_gen", "_fills", "_locks", "_origin_etag", "_origin_valid",
-        "_ra_next", "_ra_window", "_resizing", "_size_dirty_gen", "_truncated_to", "_uploading",
-        "_write_gen", "attr", "buffered", "cache_set", "dirty", "dirty_since", "epoch", "host",
-        "last_error", "mappings", "path", "slot", "users", "validated_at",
+        "_changes",
+        "_dirty",
+        "_evictability_gen",
+        "_fills",
+        "_locks",
+        "_mappings",
+        "_origin_etag",
+        "_origin_valid",
+        "_ra_next",
+        "_ra_window",
+        "_resizing",
+        "_size_dirty_gen",
+        "_truncated_to",
+        "_uploading",
+        "_write_gen",
+        "attr",
+        "buffered",
+        "cache_set",
+        "dirty_since",
+        "epoch",
+        "host",
+        "last_error",
+        "path",
+        "slot",
+        "users",
+        "validated_at",
     )  # fmt: skip
 
     def __init__(self, host: InodeHost, path: str, slot: int, stat: OriginStat) -> None:
@@ -185,10 +207,12 @@ class InodeState:
 
         # File range -> memory offset. Protected by data_mu.
         self.cache_set = FileRangeSet()
-        # Cached ranges newer than the origin. Protected by data_mu.
-        self.dirty = DirtySet()
-        # Mapping counts per page range. Protected by maps_mu.
-        self.mappings = MappingSet()
+        # Cached ranges newer than the origin, None while there are none (see
+        # the dirty property). Protected by data_mu.
+        self._dirty: DirtySet | None = None
+        # Mapping counts per page range, None while nothing is mapped (see the
+        # mappings property). Protected by maps_mu.
+        self._mappings: MappingSet | None = None
         # Fills in flight, in start order. Added with data_mu held, removed with
         # it held for writing, or on failure; changes never span an await.
         self._fills: tuple[Fill, ...] = ()
@@ -231,6 +255,18 @@ class InodeState:
     def memfile(self) -> MemoryFile:
         """The memory file holding the cached pages (MappingOwner)."""
         return self.host.memfile
+
+    @property
+    def dirty(self) -> DirtySet:
+        """Cached ranges newer than the origin (an empty set, shared and never
+        changed, while there are none). Protected by data_mu."""
+        return self._dirty if self._dirty is not None else _NO_DIRT
+
+    @property
+    def mappings(self) -> MappingSet:
+        """Mapping counts per page range (an empty set, shared and never
+        changed, while nothing is mapped). Protected by maps_mu."""
+        return self._mappings if self._mappings is not None else _NO_MAPPINGS
 
     # ------------------------------------------------------------------ locks
 
@@ -391,7 +427,9 @@ class InodeState:
     def _mark_dirty_locked(self, rng: Range) -> None:
         """Preconditions: data_mu is held for writing; ``rng`` is cached."""
         self.data_mu.assert_held(write=True)
-        self.host.counters.dirty_bytes += self.dirty.mark_dirty(rng, self._write_gen)
+        if self._dirty is None:
+            self._dirty = DirtySet()
+        self.host.counters.dirty_bytes += self._dirty.mark_dirty(rng, self._write_gen)
         if self.dirty_since is None:
             self.dirty_since = time.monotonic()
             self.host.note_dirty(self)
@@ -407,8 +445,18 @@ class InodeState:
     def _clear_dirty_locked(self, rng: Range) -> None:
         """Preconditions: data_mu is held for writing."""
         self.data_mu.assert_held(write=True)
-        self.host.counters.dirty_bytes -= self.dirty.clear(rng)
-        if not self.dirty:
+        if self._dirty is not None:
+            self.host.counters.dirty_bytes -= self._dirty.clear(rng)
+        self._settle_dirty()
+
+    def _settle_dirty(self) -> None:
+        """Drops the dirty set once it is empty.
+
+        Preconditions: data_mu is held for writing.
+        """
+        if self._dirty is not None and not self._dirty:
+            self._dirty = None
+        if self._dirty is None:
             self.dirty_since = None
 
     def _drop_locked(self, rng: Range, *, dirty_too: bool) -> int:
@@ -445,7 +493,9 @@ class InodeState:
         memfile = self.host.memfile
         for _, mem in memory:
             memfile.inc_ref(mem)
-        self.host.counters.mapped_bytes += self.mappings.add(pages)
+        if self._mappings is None:
+            self._mappings = MappingSet()
+        self.host.counters.mapped_bytes += self._mappings.add(pages)
         if pin:
             self._untrack_extents_within(pages)
         return Mapping(self, pages, memory, offset, length, pin, self._evictability_gen)
@@ -500,7 +550,10 @@ class InodeState:
             memfile.dec_ref(mem)
         if pages.is_empty:
             return
-        released = self.mappings.remove(pages)
+        assert self._mappings is not None, f"{pages} released but nothing is mapped"
+        released = self._mappings.remove(pages)
+        if not self._mappings:
+            self._mappings = None
         self.host.counters.mapped_bytes -= sum(rng.length for rng in released)
         if pinned:
             self._evictability_gen += 1
@@ -510,5 +563,9 @@ class InodeState:
             )
         self.host.budget.note_released()
 
+
+# The sets an inode with nothing dirty or mapped shows: empty, never changed.
+_NO_DIRT: Final = DirtySet()
+_NO_MAPPINGS: Final = MappingSet()
 
 __all__ = ["END", "Attributes", "InodeHost", "InodeLocks", "InodeState", "make_etag"]

@@ -2,9 +2,9 @@
 
 A *page* (PAGE_SIZE, 4 KiB) is the unit of caching: cached ranges start and
 end on page boundaries. An *extent* (EXTENT_SIZE, 64 KiB, the reference
-design's smallest fill, maxFillRange) is the unit of fills and of eviction:
-a miss fills whole extents (clipped to the file's last page), and the
-eviction policy tracks, ranks and evicts each file's extents. Extent ``i``
+design's fill window, maxFillRange) is the unit of fills and of eviction: a
+miss fills the whole extents it touches (clipped to the file's last page),
+and the eviction policy tracks, ranks and evicts each file's extents. Extent ``i``
 of a file covers file offsets ``[i * EXTENT_SIZE, (i + 1) * EXTENT_SIZE)``.
 """
 

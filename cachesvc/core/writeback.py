@@ -199,9 +199,9 @@ class WritebackInode(FillingInode):
         self.attr_mu.assert_held()
         self.maps_mu.assert_held()
         self.data_mu.assert_held(write=True)
-        self.host.counters.dirty_bytes -= self.dirty.mark_written(snapshot.generation)
-        if not self.dirty:
-            self.dirty_since = None
+        if self._dirty is not None:
+            self.host.counters.dirty_bytes -= self._dirty.mark_written(snapshot.generation)
+        self._settle_dirty()
         if self._size_dirty_gen is not None and self._size_dirty_gen <= snapshot.generation:
             self._size_dirty_gen = None
         if self.buffered:

@@ -116,12 +116,19 @@ def test_s3fifo_skip_keeps_a_busy_extent_in_the_main_queue() -> None:
     assert s3.victim() == 1
     s3.skip(1, in_use=True)
     assert s3.stats()["main_bytes"] == E
-    # The small queue is below its share: the main queue goes first, until
-    # all of it has been passed over.
-    assert s3.victim() == 1
-    s3.skip(1, in_use=True)
-    assert s3.victim() == 2
-    assert drain(s3, 3) == [2, 1, 3]
+    # The main queue is within its share: the small queue goes first.
+    assert drain(s3, 3) == [2, 3, 1]
+    s3.check_invariants()
+
+
+def test_s3fifo_evicts_from_the_main_queue_over_its_share() -> None:
+    s3 = S3Fifo(10 * E)  # shares: small 1 extent, main 9
+    for key in range(11):
+        s3.admit(key, E, key, prefetched=False)  # before any eviction, overflow goes to main
+    assert (s3.stats()["small_bytes"], s3.stats()["main_bytes"]) == (E, 10 * E)
+    assert drain(s3, 1) == [1]  # main over its share: its oldest goes
+    s3.admit(11, E, 11, prefetched=False)  # after an eviction, new extents go to small
+    assert drain(s3, 1) == [0]  # main within its share: the small queue goes
     s3.check_invariants()
 
 
@@ -261,13 +268,3 @@ async def test_driver_forgets_extents_of_gone_owners() -> None:
     driver.policy.admit(extent_key(9, 0), E, 0, False)  # a slot nobody holds
     assert await driver.evict_all() == E
     assert len(driver.policy) == 0
-
-
-async def test_evict_extents_evicts_one_owner_through_the_same_contract() -> None:
-    a = Owner(0, {0: ExtentState.EVICTABLE, 1: ExtentState.BUSY, 2: ExtentState.DIRTY})
-    b = Owner(1, {0: ExtentState.EVICTABLE})
-    driver = driver_with([a, b])
-    assert await driver.evict_extents(a, [0, 1, 2, 3]) == E
-    assert (a.evicted, b.evicted, a.writebacks) == ([0], [], 1)
-    assert extent_key(0, 0) not in driver.policy
-    assert extent_key(1, 0) in driver.policy

@@ -22,11 +22,11 @@ and each victim is chosen and taken off the set without an await between.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Protocol
 
 from cachesvc.core.accounting import CacheCounters
-from cachesvc.core.eviction.policy import INDEX_MASK, SLOT_SHIFT, EvictionPolicy, extent_key
+from cachesvc.core.eviction.policy import INDEX_MASK, SLOT_SHIFT, EvictionPolicy
 
 
 class ExtentState(enum.Enum):
@@ -43,10 +43,6 @@ class ExtentOwner(Protocol):
 
     @property
     def path(self) -> str: ...
-
-    @property
-    def slot(self) -> int:
-        """The owner's slot in the cache's table (its extents' keys)."""
 
     def extent_state(self, index: int) -> ExtentState:
         """The state of extent ``index``, without changing anything."""
@@ -128,25 +124,6 @@ class EvictionDriver:
                     break
             else:
                 break
-            policy.evicted(key, ghost_key(owner.path, index))
-            freed += await self._evict(owner, index)
-        return freed
-
-    async def evict_extents(self, owner: ExtentOwner, indexes: Iterable[int]) -> int:
-        """Evicts the extents ``indexes`` of ``owner`` that can go now, through
-        the same contract (the cache's limit on files evicts whole files);
-        returns the bytes freed."""
-        policy = self.policy
-        freed = 0
-        for index in indexes:
-            key = extent_key(owner.slot, index)
-            if key not in policy:
-                continue  # pinned, or left behind by an eviction
-            state = owner.extent_state(index)
-            if state is ExtentState.DIRTY:
-                owner.start_writeback()
-            if state is not ExtentState.EVICTABLE:
-                continue
             policy.evicted(key, ghost_key(owner.path, index))
             freed += await self._evict(owner, index)
         return freed

@@ -12,8 +12,10 @@ From "FIFO queues are all you need for cache eviction" (Yang et al., SOSP
   a one-pass scan, prefetched or not, leaves every extent it brought in at
   count 0. Before the first eviction, extents beyond the small queue's
   share go to the main queue.
-- Evicting from the small queue (while it holds at least its share, or the
-  main queue is empty): an extent read twice since it came in
+- Evicting from the small queue (while it holds at least its share, 10 %,
+  of the tracked bytes, or the main queue is empty; the tracked bytes are
+  the budget less what is mapped or being filled): an extent read twice
+  since it came in
   (MOVE_TO_MAIN) moves to the main queue with its count cleared; one that
   was not is evicted and its ghost key remembered.
 - Evicting from the main queue: an extent with a count is put back at the
@@ -127,7 +129,8 @@ class S3Fifo:
     name = "s3fifo"
 
     def __init__(self, capacity: int) -> None:
-        # Bytes the small queue may hold before it is evicted from first. Immutable.
+        # The small queue's share of the budget: before the first eviction,
+        # extents beyond it go to the main queue. Immutable.
         self._small_target = max(EXTENT_SIZE, int(capacity * SMALL_SHARE))
         # key -> packed state (policy.pack). Protected by the event loop.
         self._state: dict[int, int] = {}
@@ -240,7 +243,7 @@ class S3Fifo:
         main_done = self._main_passes >= len(self._main)
         if small_done != main_done:
             return main_done
-        return self._small_bytes >= self._small_target
+        return self._small_bytes >= SMALL_SHARE * (self._small_bytes + self._main_bytes)
 
     def victim(self) -> int | None:
         while True:
