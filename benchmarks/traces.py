@@ -8,7 +8,8 @@ is measured on its own (the scans of ``zipf-scan``). Ranges are half-open
 
 **Extents.** The cache fills whole 64 KiB extents: extent ``k`` of a file is
 ``[k * 65536, (k + 1) * 65536)`` clipped to the file's end, so its size is
-65536 except for a file's last one. A read touches the extents its range
+65536 except for a file's last one, which takes whole 4 KiB pages in the
+cache (and in the simulation). A read touches the extents its range
 overlaps. The *working set* of a trace is the size of the distinct extents
 its reads touch; cache sizes are fractions of it.
 
@@ -76,6 +77,7 @@ from pathlib import Path
 KiB = 1 << 10
 MiB = 1 << 20
 EXTENT = 64 * KiB
+PAGE = 4 * KiB
 SECTOR = 512
 WHOLE_READ_MAX = 1 * MiB  # files up to this size are read whole
 SEED = 20261218
@@ -160,7 +162,11 @@ def extent_span(offset: int, length: int) -> range:
 
 
 def extent_size(file_size: int, index: int) -> int:
-    return max(0, min(EXTENT, file_size - index * EXTENT))
+    """Bytes extent ``index`` of a file of ``file_size`` bytes takes in the
+    cache: whole 4 KiB pages, as cachesvc holds it (a 5,000-byte file takes
+    8 KiB), so that a simulated cache of the same size holds the same."""
+    within = max(0, min(EXTENT, file_size - index * EXTENT))
+    return -(-within // PAGE) * PAGE
 
 
 def extent_id(file: int, index: int) -> int:

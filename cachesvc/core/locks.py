@@ -108,6 +108,11 @@ class OrderedLock:
         """Reports whether some task holds the lock."""
         return self._lock.locked()
 
+    @property
+    def waiting(self) -> int:
+        """Tasks waiting to acquire the lock."""
+        return self._waiting
+
     def contended(self) -> bool:
         """Reports whether some task holds the lock or waits for it."""
         return self._lock.locked() or self._waiting > 0

@@ -18,6 +18,7 @@ from cachesvc.core.mapping import release_all
 from cachesvc.core.ranges import Range
 from cachesvc.origins.base import OriginNoSpace, OriginNotFound, OriginUnavailable
 from tests.support.content import pattern
+from tests.support.waiting import until
 from tests.unit.cache_fixtures import cache_rig
 
 KiB = 1 << 10
@@ -110,7 +111,7 @@ async def test_cached_read_is_not_blocked_by_a_slow_fill(tmp_path: Path) -> None
         gate = asyncio.Event()
         rig.origin.read_gate = gate
         slow = asyncio.create_task(inode.read(6 * MiB, 4096))
-        await asyncio.sleep(0.05)
+        await asyncio.wait_for(rig.origin.reached_gate.wait(), 5)
         assert not slow.done()
         # The cached range is served while the fill waits at the origin.
         assert await asyncio.wait_for(inode.read(0, 4096), 2) == data[:4096]
@@ -395,7 +396,7 @@ async def test_mappings_are_released_even_if_the_releaser_is_cancelled(tmp_path:
         # as a response is when its client goes away.
         await inode.maps_mu.acquire()
         releaser = asyncio.create_task(release_all(mappings))
-        await asyncio.sleep(0.01)
+        await until(lambda: inode.maps_mu.waiting, "the releaser waits for maps_mu")
         assert not releaser.done()
         releaser.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -419,7 +420,9 @@ async def test_a_cancelled_reader_leaves_a_shared_fill_to_the_others(tmp_path: P
         # goes away (its client disconnected) while the origin is read.
         leaving = asyncio.create_task(inode.read(0, 64 * 1024))
         staying = asyncio.create_task(inode.read(0, 64 * 1024))
-        await asyncio.sleep(0.01)
+        await until(
+            lambda: inode._fills and inode._fills[0].waiters == 2, "both readers wait on the fill"
+        )
         leaving.cancel()
         assert await staying == data[: 64 * 1024]
         with pytest.raises(asyncio.CancelledError):
@@ -511,7 +514,7 @@ async def test_a_read_racing_our_own_truncate_sees_the_new_size(tmp_path: Path) 
         gate = asyncio.Event()
         rig.origin.read_gate = gate  # the fill waits until the truncate is done
         reading = asyncio.create_task(inode.read(512 * KiB, 64 * KiB))
-        await asyncio.sleep(0.05)
+        await asyncio.wait_for(rig.origin.reached_gate.wait(), 5)
         await inode.truncate(100_000)  # written through: the origin shrinks first
         gate.set()
         assert await reading == b""  # past the new end, not an error
