@@ -150,7 +150,7 @@ class MemoryBudget:
         short = self.allocated + self._reserved + length - self.limit
         if short <= 0:
             return 0
-        freed = await self._driver.evict(short, spare_prefetched=True)
+        freed = await self._driver.evict(short)
         if freed < short and not prefetch:
             freed += await self._driver.evict_prefetched(short - freed)
         return freed

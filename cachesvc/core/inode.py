@@ -16,13 +16,14 @@ Lock order:
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 from cachesvc.core.eviction.driver import ExtentState
 from cachesvc.core.hostmem import PAGE_SIZE
 from cachesvc.core.inode_state import END
 from cachesvc.core.memfile import MemoryKind
 from cachesvc.core.pages import extent_range, page_down, page_range
-from cachesvc.core.ranges import Range
+from cachesvc.core.ranges import Range, union_ranges
 from cachesvc.core.writeback import WritebackInode
 from cachesvc.origins.base import OriginStat, OriginUnsupported
 
@@ -230,17 +231,18 @@ class CachingInode(WritebackInode):
             return ExtentState.DIRTY
         return ExtentState.EVICTABLE
 
-    async def evict_extent(self, index: int) -> int:
-        """Drops the clean, unmapped cached pages of extent ``index``; returns
-        the bytes dropped (ExtentOwner). Pages mapped or dirtied since the
-        driver looked stay, off the policy until their mapping is released
-        or their write-back is done."""
-        rng = extent_range(index)
+    async def evict_extents(self, indexes: Sequence[int]) -> int:
+        """Drops the clean, unmapped cached pages of the extents ``indexes``;
+        returns the bytes dropped (ExtentOwner). Pages mapped or dirtied since
+        the driver looked stay, off the policy until their mapping is
+        released or their write-back is done."""
+        runs = union_ranges(extent_range(index) for index in indexes)
         self._evictability_gen += 1
         async with self.maps_mu, self.data_mu.writing():
             dropped = 0
-            for free in self.mappings.gaps(rng):
-                dropped += self._drop_locked(free, dirty_too=False)
+            for run in runs:
+                for free in self.mappings.gaps(run):
+                    dropped += self._drop_locked(free, dirty_too=False)
         self.host.forget_if_idle(self)
         return dropped
 

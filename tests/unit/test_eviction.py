@@ -3,6 +3,9 @@ with in-process owners."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -10,7 +13,15 @@ from hypothesis import strategies as st
 from cachesvc.core.accounting import CacheCounters
 from cachesvc.core.eviction import POLICIES, make_policy
 from cachesvc.core.eviction.driver import EvictionDriver, ExtentOwner, ExtentState, ghost_key
-from cachesvc.core.eviction.policy import EvictionPolicy, extent_key, pack, size_of
+from cachesvc.core.eviction.policy import (
+    FREQ_MASK,
+    MAIN,
+    EvictionPolicy,
+    extent_key,
+    pack,
+    size_of,
+)
+from cachesvc.core.eviction.prefetch import PREFETCH_TTL
 from cachesvc.core.eviction.s3fifo import GhostHistory, S3Fifo
 from cachesvc.core.pages import EXTENT_SIZE
 
@@ -30,15 +41,15 @@ def drain(policy: EvictionPolicy, n: int) -> list[int]:
 
 
 def test_packed_state_sizes() -> None:
-    assert size_of(pack(1, False)) == 4096
-    assert size_of(pack(4096, False)) == 4096
-    assert size_of(pack(4097, True)) == 8192
-    assert size_of(pack(E, False)) == E
-    assert pack(E, True) < 256  # shared small ints
+    assert size_of(pack(1)) == 4096
+    assert size_of(pack(4096)) == 4096
+    assert size_of(pack(4097)) == 8192
+    assert size_of(pack(E)) == E
+    assert pack(E) | MAIN | FREQ_MASK < 256  # shared small ints
     with pytest.raises(ValueError):
-        pack(0, False)
+        pack(0)
     with pytest.raises(ValueError):
-        pack(E + 1, False)
+        pack(E + 1)
 
 
 def test_make_policy() -> None:
@@ -92,12 +103,39 @@ def test_s3fifo_ghost_hits_go_to_the_main_queue() -> None:
     s3.check_invariants()
 
 
-def test_prefetched_extents_count_their_first_read_as_their_first_use() -> None:
+@pytest.mark.parametrize("name", POLICIES)
+def test_readahead_waits_outside_the_order_until_it_is_read(name: str) -> None:
+    policy = make_policy(name, 10 * E)
+    policy.admit(1, E, 1, prefetched=True)
+    policy.admit(2, E, 2, prefetched=True)
+    assert policy.prefetched(1) and policy.prefetched_bytes == 2 * E
+    assert policy.victim() is None  # not a victim while it waits for its reader
+    assert list(policy.prefetched_keys()) == [2, 1]  # furthest ahead first
+    policy.touch(1)  # the reader reaches it: ranked as a newly read extent
+    assert not policy.prefetched(1) and policy.prefetched_bytes == E
+    assert policy.victim() == 1
+    policy.evicted(2, 2)  # readahead giving way to a reader's fill
+    assert 2 not in policy and policy.prefetched_bytes == 0
+    policy.check_invariants()
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_readahead_nobody_reads_goes_first(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    policy = make_policy(name, 10 * E)
+    policy.admit(1, E, 1, prefetched=False)
+    policy.touch(1)
+    policy.admit(2, E, 2, prefetched=True)
+    later = time.monotonic() + PREFETCH_TTL + 1
+    monkeypatch.setattr(time, "monotonic", lambda: later)
+    assert policy.victim() == 2
+    assert not policy.prefetched(2)
+    policy.check_invariants()
+
+
+def test_s3fifo_counts_a_prefetched_extents_first_read_once() -> None:
     s3 = S3Fifo(10 * E)  # the small queue's share: one extent
     s3.admit(1, E, 1, prefetched=True)
-    assert s3.prefetched(1) and s3.prefetched_bytes == E
     s3.touch(1)  # the reader reaches it: used once, not twice
-    assert not s3.prefetched(1) and s3.prefetched_bytes == 0
     s3.admit(2, E, 2, prefetched=True)
     s3.touch(2)
     s3.touch(2)
@@ -114,7 +152,7 @@ def test_s3fifo_skip_keeps_a_busy_extent_in_the_main_queue() -> None:
     for key in (1, 2, 3):
         s3.admit(key, E, key, prefetched=False)
     assert s3.victim() == 1
-    s3.skip(1, in_use=True)
+    s3.skip(1)
     assert s3.stats()["main_bytes"] == E
     # The main queue is within its share: the small queue goes first.
     assert drain(s3, 3) == [2, 3, 1]
@@ -179,29 +217,38 @@ def test_policies_track_exactly_what_they_were_told(
 ) -> None:
     policy = make_policy(name, 8 * E)
     model: dict[int, int] = {}  # key -> size
+    waiting: set[int] = set()  # keys prefetched and not read yet
     for op, key, size, flag in ops:
         if op == "admit":
+            if key not in model and flag:
+                waiting.add(key)
             policy.admit(key, size, key, prefetched=flag)
             model[key] = -(-size // 4096) * 4096
         elif op == "touch":
             policy.touch(key)
+            waiting.discard(key)
         elif op == "remove":
             policy.remove(key)
             model.pop(key, None)
+            waiting.discard(key)
         else:
             victim = policy.victim()
             if victim is None:
-                assert not model
+                assert set(model) == waiting
             elif op == "evict":
+                assert victim not in waiting
                 policy.evicted(victim, victim)
                 del model[victim]
             else:
-                policy.skip(victim, in_use=flag)
+                policy.skip(victim)
         policy.check_invariants()
         assert len(policy) == len(model)
         assert policy.tracked_bytes == sum(model.values())
+        assert policy.prefetched_bytes == sum(model[k] for k in waiting)
         assert all(key in policy for key in model)
-    assert sorted(drain(policy, len(model) + 1)) == sorted(model)
+        assert all(policy.prefetched(key) == (key in waiting) for key in model)
+    assert sorted(drain(policy, len(model) + 1)) == sorted(set(model) - waiting)
+    assert sorted(policy.prefetched_keys()) == sorted(waiting)
 
 
 class Owner:
@@ -217,10 +264,11 @@ class Owner:
     def extent_state(self, index: int) -> ExtentState:
         return self.states.get(index, ExtentState.GONE)
 
-    async def evict_extent(self, index: int) -> int:
-        self.evicted.append(index)
-        self.states[index] = ExtentState.GONE
-        return E
+    async def evict_extents(self, indexes: Sequence[int]) -> int:
+        for index in indexes:
+            self.evicted.append(index)
+            self.states[index] = ExtentState.GONE
+        return E * len(indexes)
 
     def start_writeback(self) -> None:
         self.writebacks += 1
@@ -253,11 +301,11 @@ async def test_driver_takes_victims_off_the_policy_before_evicting() -> None:
     owner = Owner(3, {0: ExtentState.EVICTABLE})
     driver = driver_with([owner])
 
-    async def evict_extent(index: int) -> int:
-        seen.append(extent_key(3, index) in driver.policy)
-        return E
+    async def evict_extents(indexes: Sequence[int]) -> int:
+        seen.extend(extent_key(3, index) in driver.policy for index in indexes)
+        return E * len(indexes)
 
-    owner.evict_extent = evict_extent  # type: ignore[method-assign]
+    owner.evict_extents = evict_extents  # type: ignore[method-assign]
     assert await driver.evict_all() == E
     assert seen == [False]
 

@@ -3,9 +3,10 @@
 Kept selectable (``--eviction-policy lru``) so that the comparison with
 S3-FIFO can be rerun: a one-pass scan larger than the cache pushes out
 everything else under LRU. An ordered dict holds the tracked keys, least
-recently used first; a read moves its extent to the end. A prefetched
-extent enters at the end like any other, and its first read only marks it
-read.
+recently used first; a read moves its extent to the end. Readahead waits
+outside the order until it is read (see
+:mod:`cachesvc.core.eviction.prefetch`); readahead nobody came for enters
+it at the front, first to go.
 
 Protected by the event loop.
 """
@@ -13,9 +14,11 @@ Protected by the event loop.
 from __future__ import annotations
 
 import collections
+import time
 from collections.abc import Iterator
 
-from cachesvc.core.eviction.policy import PREFETCHED, pack, resized, size_of
+from cachesvc.core.eviction.policy import pack, resized, size_of
+from cachesvc.core.eviction.prefetch import PrefetchQueue
 
 
 class Lru:
@@ -28,92 +31,95 @@ class Lru:
         # key -> packed state, least recently used first. Protected by the event loop.
         self._order: collections.OrderedDict[int, int] = collections.OrderedDict()
         self._bytes = 0
-        self._prefetched_bytes = 0
-        # Keys admitted as prefetched, oldest first, with stale slots
-        # (dropped once they outnumber the tracked keys).
-        self._prefetched_order: collections.deque[int] = collections.deque()
+        # Readahead not read yet: outside the order.
+        self._prefetch = PrefetchQueue()
 
     def __contains__(self, key: object) -> bool:
-        return key in self._order
+        return key in self._order or key in self._prefetch
+
+    def size(self, key: int) -> int:
+        state = self._order.get(key)
+        return size_of(state) if state is not None else self._prefetch.size(key)
 
     def prefetched(self, key: int) -> bool:
-        return bool(self._order.get(key, 0) & PREFETCHED)
+        return key in self._prefetch
 
     def prefetched_keys(self) -> Iterator[int]:
-        order = self._prefetched_order
-        while order and not self._order.get(order[-1], 0) & PREFETCHED:
-            order.pop()  # stale
-        return (key for key in reversed(order) if self._order.get(key, 0) & PREFETCHED)
+        return self._prefetch.newest()
 
     def __len__(self) -> int:
-        return len(self._order)
+        return len(self._order) + len(self._prefetch)
 
     @property
     def tracked_bytes(self) -> int:
-        return self._bytes
+        return self._bytes + self._prefetch.bytes
 
     @property
     def prefetched_bytes(self) -> int:
-        return self._prefetched_bytes
+        return self._prefetch.bytes
 
     def stats(self) -> dict[str, int]:
         return {
-            "extents": len(self._order),
-            "tracked_bytes": self._bytes,
-            "prefetched_bytes": self._prefetched_bytes,
+            "extents": len(self),
+            "tracked_bytes": self.tracked_bytes,
+            "prefetched_bytes": self._prefetch.bytes,
         }
 
     def admit(self, key: int, size: int, ghost: int, prefetched: bool) -> None:
         state = self._order.get(key)
         if state is not None:
-            self._account(state, -1)
+            self._bytes -= size_of(state)
             state = resized(state, size)
+            self._order[key] = state
+            self._bytes += size_of(state)
+        elif key in self._prefetch:
+            self._prefetch.resize(key, size_of(pack(size)))
+        elif prefetched:
+            self._prefetch.add(key, size_of(pack(size)), time.monotonic())
         else:
-            state = pack(size, prefetched)
-            if prefetched:
-                self._prefetched_order.append(key)
-                if len(self._prefetched_order) > 2 * len(self._order) + 1024:
-                    self._prefetched_order = collections.deque(
-                        k for k in self._prefetched_order if self._order.get(k, 0) & PREFETCHED
-                    )
-        self._order[key] = state
-        self._account(state, 1)
+            self._append(key, pack(size))
 
     def touch(self, key: int) -> None:
-        state = self._order.get(key)
-        if state is None:
+        if key in self._order:
+            self._order.move_to_end(key)
             return
-        if state & PREFETCHED:
-            self._prefetched_bytes -= size_of(state)
-            self._order[key] = state & ~PREFETCHED
-        self._order.move_to_end(key)
+        size = self._prefetch.take(key)
+        if size is not None:
+            self._append(key, pack(size))
 
     def remove(self, key: int) -> None:
         state = self._order.pop(key, None)
         if state is not None:
-            self._account(state, -1)
+            self._bytes -= size_of(state)
+        else:
+            self._prefetch.take(key)
 
     def victim(self) -> int | None:
+        # Readahead nobody came for goes first.
+        for key, size in self._prefetch.expired(time.monotonic()):
+            self._append(key, pack(size))
+            self._order.move_to_end(key, last=False)
         return next(iter(self._order), None)
 
-    def skip(self, key: int, *, in_use: bool) -> None:
+    def skip(self, key: int) -> None:
         self._order.move_to_end(key)
 
     def evicted(self, key: int, ghost: int) -> None:
-        self._account(self._order.pop(key), -1)
+        state = self._order.pop(key, None)
+        if state is None:
+            self._prefetch.take(key)
+        else:
+            self._bytes -= size_of(state)
 
-    def _account(self, state: int, sign: int) -> None:
-        size = size_of(state) * sign
-        self._bytes += size
-        if state & PREFETCHED:
-            self._prefetched_bytes += size
+    def _append(self, key: int, state: int) -> None:
+        self._order[key] = state
+        self._bytes += size_of(state)
 
     def check_invariants(self) -> None:
         total = sum(size_of(state) for state in self._order.values())
-        prefetched = sum(size_of(s) for s in self._order.values() if s & PREFETCHED)
-        assert (total, prefetched) == (self._bytes, self._prefetched_bytes), (
-            f"bytes {self._bytes}/{self._prefetched_bytes}, states say {total}/{prefetched}"
-        )
+        assert total == self._bytes, f"bytes {self._bytes}, states say {total}"
+        assert not any(key in self._prefetch for key in self._order), "queued and prefetched"
+        self._prefetch.check_invariants()
 
     def __repr__(self) -> str:
-        return f"Lru(extents={len(self._order)}, bytes={self._bytes})"
+        return f"Lru(extents={len(self)}, bytes={self.tracked_bytes})"

@@ -40,13 +40,12 @@ INDEX_MASK: Final = (1 << SLOT_SHIFT) - 1
 
 # Packed state: bits 0-3 hold the extent's cached pages minus one (1..16),
 # bits 4-5 a capped access count, bit 6 "in the main queue" (policies with
-# two queues), bit 7 "prefetched and not read yet".
+# two queues).
 _PAGES_MASK: Final = 0x0F
 FREQ_ONE: Final = 0x10
 FREQ_MASK: Final = 0x30
 MAX_FREQ: Final = 3
 MAIN: Final = 0x40
-PREFETCHED: Final = 0x80
 _PAGES_PER_EXTENT: Final = EXTENT_SIZE // PAGE_SIZE
 
 
@@ -55,12 +54,11 @@ def extent_key(slot: int, index: int) -> int:
     return (slot << SLOT_SHIFT) | index
 
 
-def pack(size: int, prefetched: bool) -> int:
+def pack(size: int) -> int:
     """The state of a newly tracked extent of ``size`` cached bytes (1..EXTENT_SIZE)."""
     if not 0 < size <= EXTENT_SIZE:
         raise ValueError(f"extent size {size} out of range")
-    pages = -(-size // PAGE_SIZE)
-    return (pages - 1) | (PREFETCHED if prefetched else 0)
+    return -(-size // PAGE_SIZE) - 1
 
 
 def size_of(state: int) -> int:
@@ -70,7 +68,7 @@ def size_of(state: int) -> int:
 
 def resized(state: int, size: int) -> int:
     """``state`` with its size replaced by ``size`` bytes (1..EXTENT_SIZE)."""
-    return (state & ~_PAGES_MASK) | (pack(size, False) & _PAGES_MASK)
+    return (state & ~_PAGES_MASK) | pack(size)
 
 
 class EvictionPolicy(Protocol):
@@ -92,17 +90,20 @@ class EvictionPolicy(Protocol):
 
     def victim(self) -> int | None:
         """The tracked extent the policy would evict next, or None if none is
-        tracked. It stays tracked: the caller either evicts it (:meth:`evicted`)
-        or passes it over (:meth:`skip`) before doing anything else."""
+        but readahead not read yet (see prefetch.py). It stays tracked: the
+        caller either evicts it (:meth:`evicted`) or passes it over
+        (:meth:`skip`) before doing anything else."""
 
-    def skip(self, key: int, *, in_use: bool) -> None:
-        """The victim ``key`` is passed over: it cannot go now (``in_use``:
-        mapped or dirty), or the driver spares it (prefetched, not read
-        yet). Keeps it tracked, behind the others."""
+    def skip(self, key: int) -> None:
+        """The victim ``key`` cannot go now (mapped or dirty): keeps it
+        tracked, behind the others."""
 
     def evicted(self, key: int, ghost: int) -> None:
         """The victim ``key`` is being evicted: stops tracking it, remembering
         ``ghost`` if the policy keeps a history."""
+
+    def size(self, key: int) -> int:
+        """Bytes tracked extent ``key`` counts for (0 if untracked)."""
 
     def prefetched(self, key: int) -> bool:
         """Whether tracked extent ``key`` was prefetched and is not read yet."""
@@ -111,7 +112,8 @@ class EvictionPolicy(Protocol):
         """The tracked extents prefetched and not read yet, most recently
         prefetched first: when readahead must give way, what was read
         furthest ahead goes first (a sequential reader reaches the rest
-        sooner). The policy must not change while the iterator is used."""
+        sooner). The policy must not change while the iterator is used;
+        the driver evicts them with :meth:`evicted`."""
 
     def __contains__(self, key: object) -> bool:
         """Whether ``key`` is tracked."""

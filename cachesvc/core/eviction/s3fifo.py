@@ -8,10 +8,11 @@ From "FIFO queues are all you need for cache eviction" (Yang et al., SOSP
   small queue lately: a second chance for things reused at a longer
   distance).
 - A read adds one to the extent's access count (capped at 3); reads never
-  move anything. The first read of a prefetched extent only marks it read:
-  a one-pass scan, prefetched or not, leaves every extent it brought in at
-  count 0. Before the first eviction, extents beyond the small queue's
-  share go to the main queue.
+  move anything. Before the first eviction, extents beyond the small
+  queue's share go to the main queue. Readahead waits outside the queues
+  (see :mod:`cachesvc.core.eviction.prefetch`): its first read enters it
+  into the small queue, so a one-pass scan, prefetched or not, leaves every
+  extent it brought in at count 0.
 - Evicting from the small queue (while it holds at least its share, 10 %,
   of the tracked bytes, or the main queue is empty; the tracked bytes are
   the budget less what is mapped or being filled): an extent read twice
@@ -21,10 +22,9 @@ From "FIFO queues are all you need for cache eviction" (Yang et al., SOSP
 - Evicting from the main queue: an extent with a count is put back at the
   tail with its count decremented; one without is evicted.
 - An extent the driver cannot evict now (mapped, dirty) is passed over: at
-  the tail of the main queue, where it stays unless it is read again. One
-  it only spares (prefetched, not read yet) stays in its queue, behind the
-  others. Once every extent of one queue has been passed over since the
-  last eviction, the other is evicted from, whatever its size.
+  the tail of the main queue, where it stays unless it is read again. Once
+  every extent of one queue has been passed over since the last eviction,
+  the other is evicted from, whatever its size.
 
 So a scan passes through the small queue and out, while the hot set, read
 again within the small queue's time, stays in the main queue.
@@ -44,6 +44,7 @@ Protected by the event loop.
 from __future__ import annotations
 
 import collections
+import time
 from collections.abc import Iterator
 from typing import Final
 
@@ -52,11 +53,11 @@ from cachesvc.core.eviction.policy import (
     FREQ_ONE,
     MAIN,
     MAX_FREQ,
-    PREFETCHED,
     pack,
     resized,
     size_of,
 )
+from cachesvc.core.eviction.prefetch import PrefetchQueue
 from cachesvc.core.hostmem import PAGE_SIZE
 from cachesvc.core.pages import EXTENT_SIZE
 
@@ -132,16 +133,15 @@ class S3Fifo:
         # The small queue's share of the budget: before the first eviction,
         # extents beyond it go to the main queue. Immutable.
         self._small_target = max(EXTENT_SIZE, int(capacity * SMALL_SHARE))
-        # key -> packed state (policy.pack). Protected by the event loop.
+        # key -> packed state (policy.pack) of the extents in the queues.
         self._state: dict[int, int] = {}
         # Keys in insertion order, with stale slots (see the module docstring).
         self._small: collections.deque[int] = collections.deque()
         self._main: collections.deque[int] = collections.deque()
         self._small_bytes = 0
         self._main_bytes = 0
-        self._prefetched_bytes = 0
-        # Keys admitted as prefetched, oldest first, with stale slots.
-        self._prefetched_order: collections.deque[int] = collections.deque()
+        # Readahead not read yet: outside the queues.
+        self._prefetch = PrefetchQueue()
         self._ghost = GhostHistory(int(capacity * GHOST_GENERATION_SHARE))
         # Extents of each queue passed over since the last eviction: once
         # every one of a queue has been, the other is evicted from, whatever
@@ -156,34 +156,35 @@ class S3Fifo:
     # ---------------------------------------------------------------- queries
 
     def __contains__(self, key: object) -> bool:
-        return key in self._state
+        return key in self._state or key in self._prefetch
+
+    def size(self, key: int) -> int:
+        state = self._state.get(key)
+        return size_of(state) if state is not None else self._prefetch.size(key)
 
     def prefetched(self, key: int) -> bool:
-        return bool(self._state.get(key, 0) & PREFETCHED)
+        return key in self._prefetch
 
     def prefetched_keys(self) -> Iterator[int]:
-        order = self._prefetched_order
-        while order and not self._state.get(order[-1], 0) & PREFETCHED:
-            order.pop()  # stale
-        return (key for key in reversed(order) if self._state.get(key, 0) & PREFETCHED)
+        return self._prefetch.newest()
 
     def __len__(self) -> int:
-        return len(self._state)
+        return len(self._state) + len(self._prefetch)
 
     @property
     def tracked_bytes(self) -> int:
-        return self._small_bytes + self._main_bytes
+        return self._small_bytes + self._main_bytes + self._prefetch.bytes
 
     @property
     def prefetched_bytes(self) -> int:
-        return self._prefetched_bytes
+        return self._prefetch.bytes
 
     def stats(self) -> dict[str, int]:
         return {
-            "extents": len(self._state),
+            "extents": len(self),
             "small_bytes": self._small_bytes,
             "main_bytes": self._main_bytes,
-            "prefetched_bytes": self._prefetched_bytes,
+            "prefetched_bytes": self._prefetch.bytes,
             "promoted_total": self._promoted,
             "ghost_hits_total": self._ghost_hits,
         }
@@ -193,37 +194,36 @@ class S3Fifo:
     def admit(self, key: int, size: int, ghost: int, prefetched: bool) -> None:
         state = self._state.get(key)
         if state is not None:
-            new = resized(state, size)
             self._account(state, -1)
-            self._account(new, 1)
-            self._state[key] = new
+            state = resized(state, size)
+            self._account(state, 1)
+            self._state[key] = state
             return
-        state = pack(size, prefetched)
+        if key in self._prefetch:
+            self._prefetch.resize(key, size_of(pack(size)))
+            return
         if prefetched:
-            self._prefetched_order.append(key)
+            self._prefetch.add(key, size_of(pack(size)), time.monotonic())
+            return
         if ghost in self._ghost:
             self._ghost_hits += 1
-            state |= MAIN
-            self._main.append(key)
+            self._enqueue(key, pack(size) | MAIN)
         elif not self._evicted_any and self._small_bytes >= self._small_target:
             # Before the first eviction, the small queue's overflow goes to
             # the main queue (libCacheSim's S3FIFO): what came in between
             # then and a full cache stays a little longer.
-            state |= MAIN
-            self._main.append(key)
+            self._enqueue(key, pack(size) | MAIN)
         else:
-            self._small.append(key)
-        self._state[key] = state
-        self._account(state, 1)
+            self._enqueue(key, pack(size))
         self._compact_if_stale()
 
     def touch(self, key: int) -> None:
         state = self._state.get(key)
         if state is None:
-            return
-        if state & PREFETCHED:
-            self._prefetched_bytes -= size_of(state)
-            self._state[key] = state & ~PREFETCHED
+            size = self._prefetch.take(key)
+            if size is not None:
+                # A reader reached its readahead: used once, as a miss would be.
+                self._enqueue(key, pack(size))
         elif (state & FREQ_MASK) < MAX_FREQ * FREQ_ONE:
             self._state[key] = state + FREQ_ONE
 
@@ -232,6 +232,8 @@ class S3Fifo:
         if state is not None:
             self._account(state, -1)
             self._compact_if_stale()
+        else:
+            self._prefetch.take(key)
 
     def _from_small(self) -> bool:
         """Whether the next victim comes from the small queue."""
@@ -246,6 +248,10 @@ class S3Fifo:
         return self._small_bytes >= SMALL_SHARE * (self._small_bytes + self._main_bytes)
 
     def victim(self) -> int | None:
+        # Readahead nobody came for is ranked like any unread extent, first
+        # in line.
+        for key, size in self._prefetch.expired(time.monotonic()):
+            self._enqueue(key, pack(size), first=True)
         while True:
             if self._from_small():
                 key = self._small[0]
@@ -257,10 +263,7 @@ class S3Fifo:
                     # Read again while in the small queue: into the main queue.
                     self._small.popleft()
                     self._account(state, -1)
-                    state = (state & ~FREQ_MASK) | MAIN
-                    self._state[key] = state
-                    self._account(state, 1)
-                    self._main.append(key)
+                    self._enqueue(key, (state & ~FREQ_MASK) | MAIN)
                     self._promoted += 1
                     continue
                 return key
@@ -277,46 +280,49 @@ class S3Fifo:
                 continue
             return key
 
-    def skip(self, key: int, *, in_use: bool) -> None:
+    def skip(self, key: int) -> None:
         # An extent of the small queue that is in use (mapped, dirty) has
         # passed its probation like one that was read: into the main queue,
-        # where it stays unless it is read again. One that is only spared
-        # (readahead not read yet) stays where it is, behind the others.
+        # where it stays unless it is read again.
         state = self._state[key]
-        main = bool(state & MAIN)
-        if main or not in_use:
-            queue = self._main if main else self._small
-            if main:
-                self._main_passes += 1
-            else:
-                self._small_passes += 1
-            if queue and queue[0] == key:
-                queue.rotate(-1)
+        if state & MAIN:
+            self._main_passes += 1
+            if self._main and self._main[0] == key:
+                self._main.rotate(-1)
             else:  # not at the head after all: a second slot at the tail
-                queue.append(key)
+                self._main.append(key)
             return
         if self._small and self._small[0] == key:
             self._small.popleft()
         self._account(state, -1)
-        state = (state & ~FREQ_MASK) | MAIN
-        self._state[key] = state
-        self._account(state, 1)
-        self._main.append(key)
+        self._enqueue(key, (state & ~FREQ_MASK) | MAIN)
 
     def evicted(self, key: int, ghost: int) -> None:
         self._evicted_any = True
         self._small_passes = self._main_passes = 0
-        state = self._state.pop(key)
+        state = self._state.pop(key, None)
+        if state is None:
+            self._prefetch.take(key)  # readahead given way: no history
+            return
         self._account(state, -1)
         queue = self._main if state & MAIN else self._small
         if queue and queue[0] == key:
             queue.popleft()
-        if self._prefetched_order and self._prefetched_order[-1] == key:
-            self._prefetched_order.pop()
         if not state & MAIN:
             self._ghost.add(ghost, size_of(state))
 
     # ------------------------------------------------------------- internals
+
+    def _enqueue(self, key: int, state: int, *, first: bool = False) -> None:
+        """Puts ``key`` in the queue its ``state`` names: at the tail, or at the
+        head (``first``)."""
+        self._state[key] = state
+        self._account(state, 1)
+        queue = self._main if state & MAIN else self._small
+        if first:
+            queue.appendleft(key)
+        else:
+            queue.append(key)
 
     def _account(self, state: int, sign: int) -> None:
         size = size_of(state) * sign
@@ -324,19 +330,13 @@ class S3Fifo:
             self._main_bytes += size
         else:
             self._small_bytes += size
-        if state & PREFETCHED:
-            self._prefetched_bytes += size
 
     def _compact_if_stale(self) -> None:
         """Rebuilds the deques once stale slots outnumber live keys."""
-        slots = len(self._small) + len(self._main) + len(self._prefetched_order)
-        if slots <= 2 * len(self._state) + _STALE_SLACK:
+        if len(self._small) + len(self._main) <= 2 * len(self._state) + _STALE_SLACK:
             return
         self._small = self._live(self._small, main=False)
         self._main = self._live(self._main, main=True)
-        self._prefetched_order = collections.deque(
-            key for key in self._prefetched_order if self._state.get(key, 0) & PREFETCHED
-        )
 
     def _live(self, queue: collections.deque[int], *, main: bool) -> collections.deque[int]:
         seen: set[int] = set()
@@ -349,9 +349,10 @@ class S3Fifo:
         return out
 
     def check_invariants(self) -> None:
-        small = main = prefetched = 0
+        small = main = 0
         small_keys, main_keys = set(self._small), set(self._main)
         for key, state in self._state.items():
+            assert key not in self._prefetch, f"{key} both queued and prefetched"
             size = size_of(state)
             if state & MAIN:
                 main += size
@@ -359,16 +360,13 @@ class S3Fifo:
             else:
                 small += size
                 assert key in small_keys, f"{key} missing from the small queue"
-            if state & PREFETCHED:
-                prefetched += size
-                assert not state & FREQ_MASK, f"prefetched {key} has a count"
         assert (small, main) == (self._small_bytes, self._main_bytes), (
             f"queue bytes {self._small_bytes}/{self._main_bytes}, states say {small}/{main}"
         )
-        assert prefetched == self._prefetched_bytes, (prefetched, self._prefetched_bytes)
+        self._prefetch.check_invariants()
 
     def __repr__(self) -> str:
         return (
-            f"S3Fifo(extents={len(self._state)}, small={self._small_bytes},"
-            f" main={self._main_bytes}, prefetched={self._prefetched_bytes})"
+            f"S3Fifo(extents={len(self)}, small={self._small_bytes},"
+            f" main={self._main_bytes}, prefetched={self._prefetch.bytes})"
         )
