@@ -42,6 +42,8 @@ from cachesvc.core.memfile import MemoryFile, MemoryKind
 
 # The slack the budget is held to, at least.
 MIN_SLACK: Final = 2 << 20
+# Readahead leaves this share of the budget (1/8) to readers' own fills.
+READER_RESERVE: Final = 8
 
 
 class NoRoom(CacheFull):
@@ -95,12 +97,15 @@ class MemoryBudget:
 
     def readahead_room(self) -> int:
         """Bytes readahead may take now: what is free, plus what eviction could
-        free without touching mapped, dirty or prefetched and unread pages.
-        Fills in flight count as taken (allocated, not yet evictable)."""
+        free without touching mapped, dirty or prefetched and unread pages,
+        less a reserve for readers' own fills (an eighth of the budget),
+        which would otherwise have to evict readahead. Fills in flight count
+        as taken (allocated, not yet evictable)."""
         policy = self._driver.policy
         busy = self._counters.mapped_bytes + self._counters.dirty_bytes
         evictable = policy.tracked_bytes - policy.prefetched_bytes - busy
-        return self.limit - self._reserved - self.allocated + max(0, evictable)
+        reserve = self.limit // READER_RESERVE
+        return self.limit - reserve - self._reserved - self.allocated + max(0, evictable)
 
     async def reserve(self, length: int, *, wait: bool, prefetch: bool = False) -> None:
         """Reserves ``length`` bytes, evicting as needed; raises NoRoom if that

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 from cachesvc.core.mapping import Mapping
-from cachesvc.core.pages import extent_down, extent_up
+from cachesvc.core.pages import EXTENT_SIZE, extent_down, extent_up
 from cachesvc.core.ranges import Range, subtract_range
 from cachesvc.core.sets import FileRangeSet
 
@@ -86,7 +86,10 @@ def plan_fills(
                     low = max(low, fill.range.end)
                 elif fill.range.start >= piece.end:
                     high = min(high, fill.range.start)
-            start = max(extent_down(piece.start), low)
+            # A read of an extent or more starts its fill where it starts: the
+            # bytes before it are as likely to be wanted as any others.
+            small = request_end - piece.start < EXTENT_SIZE
+            start = max(extent_down(piece.start), low) if small else piece.start
             end = min(
                 extent_up(max(piece.end, request_end + window)),
                 high,
