@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import collections
 import time
-from collections.abc import Iterator
+from collections.abc import Mapping
 
 from cachesvc.core.eviction.policy import pack, resized, size_of
-from cachesvc.core.eviction.prefetch import PrefetchQueue
+from cachesvc.core.eviction.prefetch import PrefetchingPolicy, PrefetchQueue
 
 
-class Lru:
+class Lru(PrefetchingPolicy):
     """The LRU policy."""
 
     name = "lru"
@@ -34,29 +34,11 @@ class Lru:
         # Readahead not read yet: outside the order.
         self._prefetch = PrefetchQueue()
 
-    def __contains__(self, key: object) -> bool:
-        return key in self._order or key in self._prefetch
+    def _ranked(self) -> Mapping[int, int]:
+        return self._order
 
-    def size(self, key: int) -> int:
-        state = self._order.get(key)
-        return size_of(state) if state is not None else self._prefetch.size(key)
-
-    def prefetched(self, key: int) -> bool:
-        return key in self._prefetch
-
-    def prefetched_keys(self) -> Iterator[int]:
-        return self._prefetch.newest()
-
-    def __len__(self) -> int:
-        return len(self._order) + len(self._prefetch)
-
-    @property
-    def tracked_bytes(self) -> int:
-        return self._bytes + self._prefetch.bytes
-
-    @property
-    def prefetched_bytes(self) -> int:
-        return self._prefetch.bytes
+    def _ranked_bytes(self) -> int:
+        return self._bytes
 
     def stats(self) -> dict[str, int]:
         return {

@@ -23,8 +23,10 @@ Protected by the event loop.
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Final
+
+from cachesvc.core.eviction.policy import size_of
 
 # Seconds readahead may wait for its reader before it is ranked like any
 # unread extent (and so evicted first).
@@ -105,3 +107,44 @@ class PrefetchQueue:
         queued = set(self._order)
         for key, (_, when) in self._entries.items():
             assert (key, when) in queued, f"prefetched {key} missing from the queue"
+
+
+class PrefetchingPolicy:
+    """What a policy that keeps readahead apart answers the same way: its
+    ranked extents are a dict of key -> packed state (``_ranked``), its
+    readahead a PrefetchQueue (``_prefetch``)."""
+
+    __slots__ = ()
+    _prefetch: PrefetchQueue
+
+    def _ranked(self) -> Mapping[int, int]:
+        """The ranked extents: key -> packed state."""
+        raise NotImplementedError
+
+    def _ranked_bytes(self) -> int:
+        """Bytes of the ranked extents."""
+        raise NotImplementedError
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._ranked() or key in self._prefetch
+
+    def __len__(self) -> int:
+        return len(self._ranked()) + len(self._prefetch)
+
+    def size(self, key: int) -> int:
+        state = self._ranked().get(key)
+        return size_of(state) if state is not None else self._prefetch.size(key)
+
+    def prefetched(self, key: int) -> bool:
+        return key in self._prefetch
+
+    def prefetched_keys(self) -> Iterator[int]:
+        return self._prefetch.newest()
+
+    @property
+    def tracked_bytes(self) -> int:
+        return self._ranked_bytes() + self._prefetch.bytes
+
+    @property
+    def prefetched_bytes(self) -> int:
+        return self._prefetch.bytes

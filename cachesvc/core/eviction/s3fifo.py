@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import collections
 import time
-from collections.abc import Iterator
+from collections.abc import Mapping
 from typing import Final
 
 from cachesvc.core.eviction.policy import (
@@ -57,7 +57,7 @@ from cachesvc.core.eviction.policy import (
     resized,
     size_of,
 )
-from cachesvc.core.eviction.prefetch import PrefetchQueue
+from cachesvc.core.eviction.prefetch import PrefetchingPolicy, PrefetchQueue
 from cachesvc.core.hostmem import PAGE_SIZE
 from cachesvc.core.pages import EXTENT_SIZE
 
@@ -124,7 +124,7 @@ class GhostHistory:
         )
 
 
-class S3Fifo:
+class S3Fifo(PrefetchingPolicy):
     """The S3-FIFO policy over a budget of ``capacity`` bytes."""
 
     name = "s3fifo"
@@ -155,29 +155,11 @@ class S3Fifo:
 
     # ---------------------------------------------------------------- queries
 
-    def __contains__(self, key: object) -> bool:
-        return key in self._state or key in self._prefetch
+    def _ranked(self) -> Mapping[int, int]:
+        return self._state
 
-    def size(self, key: int) -> int:
-        state = self._state.get(key)
-        return size_of(state) if state is not None else self._prefetch.size(key)
-
-    def prefetched(self, key: int) -> bool:
-        return key in self._prefetch
-
-    def prefetched_keys(self) -> Iterator[int]:
-        return self._prefetch.newest()
-
-    def __len__(self) -> int:
-        return len(self._state) + len(self._prefetch)
-
-    @property
-    def tracked_bytes(self) -> int:
-        return self._small_bytes + self._main_bytes + self._prefetch.bytes
-
-    @property
-    def prefetched_bytes(self) -> int:
-        return self._prefetch.bytes
+    def _ranked_bytes(self) -> int:
+        return self._small_bytes + self._main_bytes
 
     def stats(self) -> dict[str, int]:
         return {
