@@ -68,6 +68,7 @@ from cachesvc.origins.base import (
     OriginStat,
     OriginUnavailable,
     OriginUnsupported,
+    base_changed,
 )
 from cachesvc.origins.http.parse import (
     ERROR_BODY_LIMIT,
@@ -385,9 +386,7 @@ class HttpOrigin:
         except OriginNotFound:
             old = None
         if base_etag is not None and (old is None or old.etag != base_etag):
-            raise OriginConflict(
-                f"{path!r} changed at the origin; the cached changes were not written"
-            )
+            raise base_changed(path)
         pin = Validator.parse(old.etag).headers() if old is not None else {"If-None-Match": "*"}
         headers = {"Content-Length": str(size), **pin}
         body = self._rewritten(path, size, changed, read_changed, old)

@@ -66,6 +66,7 @@ from cachesvc.origins.base import (
     OriginTimeout,
     OriginUnavailable,
     OriginUnsupported,
+    base_changed,
 )
 from cachesvc.origins.local.fileio import (
     COPY_CHUNK,
@@ -345,9 +346,7 @@ class LocalOrigin:
             except OriginNotFound:
                 current = None
             if current != base_etag:
-                raise OriginConflict(
-                    f"{path!r} changed at the origin; the cached changes were not written"
-                )
+                raise base_changed(path)
 
         async def fill(temp: TempFile) -> None:
             await self._temp_job(path, temp, copy_old, size)

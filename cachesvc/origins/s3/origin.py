@@ -36,12 +36,12 @@ from cachesvc.origins.base import (
     Capabilities,
     ChangedReader,
     DirEntry,
-    OriginConflict,
     OriginNotFound,
     OriginPermissionDenied,
     OriginStat,
     OriginUnavailable,
     OriginUnsupported,
+    base_changed,
 )
 from cachesvc.origins.s3.client import BucketClient, unquote_etag
 from cachesvc.origins.s3.multipart import (
@@ -259,9 +259,7 @@ class S3Origin:
         key = self._key(path)
         old = await self._head_or_none(key)
         if base_etag is not None and (old is None or old.etag != base_etag):
-            raise OriginConflict(
-                f"{path!r} changed at the origin; the cached changes were not written"
-            )
+            raise base_changed(path)
         source = RewriteSource(self._s3, key, old, clip_changed(changed, size), read_changed)
         if size <= self.small_object_limit:
             await self._put(key, bytes(await source.assemble(0, size)))
