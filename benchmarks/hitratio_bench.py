@@ -5,18 +5,19 @@ Run with ``python -m benchmarks.hitratio_bench`` (the synthetic suite, about
 minute), or ``python -m benchmarks.hitratio_bench TRACE.csv [--cache-size
 10%,64MiB]`` (a libCacheSim csv trace; default sizes 5, 10 and 25 % of its
 working set). ``--workload NAME`` picks synthetic workloads, ``--policy
-NAME`` runs cachesvc with ``--eviction-policy NAME`` (once the flag exists;
-several may be given), ``--max-requests N`` cuts a long trace. Needs the
-``bench`` extra (``pip install -e '.[bench]'``) for the simulations; without
-it cachesvc is still measured. Prints markdown tables and returns the
-figures as a dict.
+NAME`` runs cachesvc with ``--eviction-policy NAME`` (``s3fifo`` or ``lru``;
+several may be given; none: the server's default, ``s3fifo``),
+``--max-requests N`` cuts a long trace. Needs the ``bench`` extra (``pip
+install -e '.[bench]'``) for the simulations; without it cachesvc is still
+measured. Prints markdown tables and returns the figures as a dict.
 
 **What runs.** For each trace (see :mod:`benchmarks.traces` for the csv
 format and the synthetic suite) and cache size: a fresh ``cachesvc serve``
 over a local directory holding the trace's files (sparse), with
 ``--cache-size`` set, ``--revalidate 1h`` (no revalidation traffic in a run)
-and readahead *on* (the default) or *off* (``--readahead 0``; a build that
-refuses 0 gets its smallest window, 64 KiB, and the report says so). The
+and readahead *on* (the default) or *off* (``--readahead 0``: a miss fills
+the whole extents its request touches and nothing more, as a simulated miss
+does). The
 trace's reads are replayed over HTTP by 8 concurrent keep-alive clients
 (:mod:`benchmarks.loadgen`, every answer checked for status and length),
 cachesvc pinned to CPU 0 and the clients to CPU 1. ``/metrics`` is scraped
@@ -73,8 +74,7 @@ from benchmarks.cachesim import ONLINE, POLICIES, ExtentStream, SimResult, libca
 from benchmarks.cachesim import simulate as simulate_policy
 from benchmarks.loadgen import own_cpus, replay, session
 from benchmarks.peers import Peer, cachesvc_server
-from benchmarks.scrape import ReadaheadOff, Scrape, flag_choices, readahead_off_args, scrape
-from benchmarks.scrape import serve_flags as probe_serve_flags
+from benchmarks.scrape import Scrape, scrape
 from benchmarks.traces import (
     FULL,
     QUICK,
@@ -88,6 +88,8 @@ from benchmarks.traces import (
     synthetic_suite,
 )
 from cachesvc.config.values import parse_size
+from cachesvc.core.eviction import DEFAULT_POLICY
+from cachesvc.core.eviction import POLICIES as SERVER_POLICIES
 
 SERVER_CPUS = "0"
 CLIENT_CPUS = {1}
@@ -97,6 +99,7 @@ MISS_SLACK = 1.05
 HOT_TARGET = 0.9
 COUNT_TOLERANCE = 0.05  # of the requested bytes; beyond it the report says so
 NEW_METRICS = ("cache_requests_total", "cache_bypass_bytes_total")
+READAHEAD_OFF = ("--readahead", "0")
 
 
 @dataclass
@@ -115,25 +118,6 @@ class Run:
     bypass_bytes: float | None
     counted_bytes: float  # hit + miss (+ bypass) bytes by the server's count
     missing_metrics: list[str]  # NEW_METRICS this build does not export
-
-
-@dataclass(frozen=True)
-class Build:
-    """What the cachesvc under test offers."""
-
-    readahead_off: ReadaheadOff
-    policy_flag: bool
-    policy_choices: list[str] | None
-
-
-def probe_build() -> Build:
-    flags = probe_serve_flags()
-    has_policy = "--eviction-policy" in flags
-    return Build(
-        readahead_off_args(),
-        has_policy,
-        flag_choices("--eviction-policy") if has_policy else None,
-    )
 
 
 async def _measure(peer: Peer, trace: Trace, mode: str) -> Run:
@@ -363,7 +347,6 @@ def run_case(
     root: Path,
     fraction: float | None,
     cache_size: int,
-    build: Build,
     policies: Sequence[str],
     simulate: bool,
 ) -> Case:
@@ -377,11 +360,11 @@ def run_case(
     sim_seconds = time.perf_counter() - started
     runs = []
     policy_args: list[tuple[str, list[str]]] = [("", [])]
-    if policies and build.policy_flag:
+    if policies:
         policy_args = [(f", {p}", ["--eviction-policy", p]) for p in policies]
     for suffix, extra in policy_args:
         runs.append(run_cachesvc(trace, root, cache_size, extra, f"readahead on{suffix}"))
-        off_args = [*build.readahead_off.args, *extra]
+        off_args = [*READAHEAD_OFF, *extra]
         runs.append(run_cachesvc(trace, root, cache_size, off_args, f"readahead off{suffix}"))
     case = Case(trace.name, trace.description, fraction, working_set, cache_size, runs, sims)
     print(
@@ -396,7 +379,6 @@ def _suite_cases(
     workloads: Sequence[Workload],
     fractions: Sequence[float] | None,
     work: Path,
-    build: Build,
     policies: Sequence[str],
     simulate: bool,
 ) -> list[Case]:
@@ -413,7 +395,7 @@ def _suite_cases(
                 materialize(trace, root)
                 made = trace
             size = cache_size_for(trace.working_set_bytes(), fraction)
-            cases.append(run_case(trace, root, fraction, size, build, policies, simulate))
+            cases.append(run_case(trace, root, fraction, size, policies, simulate))
     return cases
 
 
@@ -425,14 +407,19 @@ def main(argv: Sequence[str] = ()) -> dict[str, Any]:
     parser.add_argument("--cache-size", help="sizes or % of the working set, comma-separated")
     parser.add_argument("--quick", action="store_true", help="smaller suite, one cache size")
     parser.add_argument("--workload", action="append", default=[], help="synthetic workload")
-    parser.add_argument("--policy", action="append", default=[], help="--eviction-policy value")
+    parser.add_argument(
+        "--policy",
+        action="append",
+        default=[],
+        choices=SERVER_POLICIES,
+        help="--eviction-policy value",
+    )
     parser.add_argument("--max-requests", type=int, help="replay at most N reads of TRACE")
     args = parser.parse_args(list(argv))
     started = time.perf_counter()
 
     version = libcachesim_version()
-    build = probe_build()
-    notes = [f"readahead off: {build.readahead_off.note}"]
+    notes = [f"readahead off: {' '.join(READAHEAD_OFF)}"]
     if version is None:
         notes.append(
             "libcachesim is not installed (pip install -e '.[bench]'): no simulated"
@@ -440,15 +427,10 @@ def main(argv: Sequence[str] = ()) -> dict[str, Any]:
         )
     else:
         notes.append(f"libcachesim {version}")
-    if build.policy_flag:
-        notes.append(
-            f"--eviction-policy: {build.policy_choices or 'present'};"
-            f" runs use {args.policy or 'the default'}"
-        )
-    elif args.policy:
-        notes.append(f"this build has no --eviction-policy: --policy {args.policy} ignored")
-    else:
-        notes.append("this build has no --eviction-policy (one built-in policy)")
+    notes.append(
+        "--eviction-policy: "
+        + (", ".join(args.policy) if args.policy else f"the default ({DEFAULT_POLICY})")
+    )
 
     with tempfile.TemporaryDirectory(prefix="hitratio-bench-") as tmp:
         work = Path(tmp)
@@ -460,16 +442,14 @@ def main(argv: Sequence[str] = ()) -> dict[str, Any]:
             materialize(trace, root)
             working_set = trace.working_set_bytes()
             cases = [
-                run_case(trace, root, f, size, build, args.policy, version is not None)
+                run_case(trace, root, f, size, args.policy, version is not None)
                 for f, size in _cache_sizes(args.cache_size, working_set, STANDARD_FRACTIONS)
             ]
         else:
             scale = QUICK if args.quick else FULL
             workloads = synthetic_suite(scale, args.workload)
             fractions = QUICK_FRACTIONS if args.quick else None
-            cases = _suite_cases(
-                workloads, fractions, work, build, args.policy, version is not None
-            )
+            cases = _suite_cases(workloads, fractions, work, args.policy, version is not None)
 
     descriptions = list(dict.fromkeys(f"{c.trace}: {c.description}" for c in cases))
     missing = sorted({m for c in cases for r in c.runs for m in r.missing_metrics})

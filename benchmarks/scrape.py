@@ -1,44 +1,21 @@
-"""What a cachesvc build offers, and its ``/metrics`` read as numbers.
+"""cachesvc's ``/metrics`` read as numbers, for the memory benchmarks.
 
-The memory benchmarks (``hitratio_bench``, ``pressure_bench``) run against
-the cache as it is and as issue 18 will make it, so they ask instead of
-assuming:
-
-- :func:`serve_flags` lists the flags ``cachesvc serve --help`` documents
-  (``--eviction-policy`` comes with the new memory management), and
-  :func:`flag_choices` the values one accepts;
-- :func:`readahead_off_args` finds how to turn readahead off: ``--readahead
-  0`` once it is accepted, else the smallest window the build takes (today
-  64 KiB, which still extends every miss by one window: see its note);
-- a :class:`Scrape` answers None for a metric the build does not export
-  (``cache_requests_total``, ``cache_bypass_bytes_total``,
-  ``memory_allocated_peak_bytes`` are new), so a caller prints "n/a" and
-  says why instead of failing.
-
-:class:`PeakSampler` polls ``memory_allocated_bytes`` every 20 ms, for
-builds without the peak gauge.
+A :class:`Scrape` answers None for a metric the server does not export.
+:class:`PeakSampler` polls ``memory_allocated_bytes`` every 20 ms.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
-import subprocess
-import sys
-import tempfile
 import urllib.request
 from dataclasses import dataclass
-from pathlib import Path
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks.peers import cachesvc_server
-
 PREFIX = "cachesvc_"
 SAMPLE_INTERVAL = 0.020  # seconds between PeakSampler's scrapes
-HELP_TIMEOUT = 60.0
 
 LabelSet = tuple[tuple[str, str], ...]
 
@@ -127,68 +104,3 @@ class PeakSampler:
         got = (await scrape(self._session, self._admin_url)).value("memory_allocated_bytes")
         if got is not None:
             self.peak = max(self.peak, got)
-
-
-# ---------------------------------------------------------------------------
-# What this build of cachesvc accepts
-
-
-def _serve_help() -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "cachesvc", "serve", "--help"],
-        capture_output=True,
-        text=True,
-        timeout=HELP_TIMEOUT,
-        check=True,
-    )
-    return done.stdout
-
-
-def serve_flags() -> frozenset[str]:
-    """The long flags ``cachesvc serve --help`` lists (``--cache-size``, ...)."""
-    return frozenset(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", _serve_help()))
-
-
-def flag_choices(flag: str) -> list[str] | None:
-    """The values ``flag`` accepts if its help shows them as ``{a,b}``;
-    None if the flag is missing or takes any value."""
-    match = re.search(re.escape(flag) + r"\s+\{([^}]*)\}", _serve_help())
-    return match.group(1).split(",") if match else None
-
-
-@dataclass(frozen=True)
-class ReadaheadOff:
-    """The flags that turn readahead off on this build, and what they mean."""
-
-    args: tuple[str, ...]
-    exact: bool  # True: no prefetch beyond the request's own extents
-    note: str
-
-
-_FALLBACK_READAHEAD = "64KiB"
-
-
-def readahead_off_args() -> ReadaheadOff:
-    """``--readahead 0`` if this build accepts it (started once on an empty
-    origin to find out: the value is only checked when the server starts),
-    else the smallest window, ``--readahead 64KiB``."""
-    with tempfile.TemporaryDirectory(prefix="bench-probe-") as work:
-        log = Path(work) / "probe.log"
-        origin = Path(work) / "origin"
-        origin.mkdir()
-        try:
-            with cachesvc_server(
-                origin, ["--readahead", "0", "--log-level", "warning"], log_path=log
-            ):
-                pass
-        except (RuntimeError, TimeoutError):
-            reason = log.read_text(errors="replace").strip().splitlines()
-            return ReadaheadOff(
-                ("--readahead", _FALLBACK_READAHEAD),
-                False,
-                "this build refuses --readahead 0 ("
-                + (reason[-1] if reason else "no message")
-                + "); readahead 'off' runs use --readahead 64KiB, its smallest window,"
-                " which still extends every miss by up to 64 KiB past the request",
-            )
-    return ReadaheadOff(("--readahead", "0"), True, "--readahead 0: no prefetch")
