@@ -27,11 +27,11 @@ byte with the file. Figures, from ``/metrics`` deltas and the client:
   evicted data, push it up;
 - wall: the bounded run's time over the unbounded run's (medians of
   ``--rounds`` fresh starts);
-- peak: the most page-cache memory allocated during the bounded run,
-  against the budget (``memory_limit_bytes``) plus a slack of max(2 MiB,
-  1 % of the cache). From ``memory_allocated_peak_bytes`` where the build
-  has it, else from ``memory_allocated_bytes`` scraped every 20 ms (a lower
-  bound: a spike between two scrapes is not seen).
+- peak: ``memory_allocated_peak_bytes`` after the bounded run (the most
+  page-cache memory allocated at once since the server started, kept by the
+  memory file on every allocation, so no spike is missed), against the
+  budget (``memory_limit_bytes``) plus a slack of max(2 MiB, 1 % of the
+  cache).
 
 Each round runs the unbounded case first; the bounded run is then stopped
 if it takes over 20 times as long (at least 10 s), and its figures so far
@@ -78,7 +78,7 @@ import aiohttp
 from benchmarks.loadgen import CLIENTS, own_cpus, replay, session
 from benchmarks.origin_peers import NGINX_AUTOINDEX, LatencyProxy
 from benchmarks.peers import Peer, cachesvc_server, nginx_server, resident
-from benchmarks.scrape import PeakSampler, Scrape, scrape
+from benchmarks.scrape import Scrape, scrape
 from benchmarks.traces import KiB, MiB, Read
 from tests.support.content import pattern
 
@@ -113,7 +113,6 @@ class Run:
     origin_bytes: float
     unique_bytes: int
     peak_bytes: float
-    peak_source: str  # "gauge" or "sampled"
     budget_bytes: float
     evicted_bytes: float | None
     bypass_bytes: float | None
@@ -170,15 +169,14 @@ async def _measure(peer: Peer, cache_size: int, work: Workload, deadline: float)
         before = await scrape(admin, peer.admin_url)
         started = time.perf_counter()
         finished = True
-        async with PeakSampler(admin, peer.admin_url) as sampler:
-            try:
-                replay_run = replay(http, urls, work.reads, clients=work.clients, verify=verify)
-                seconds = (await asyncio.wait_for(replay_run, deadline)).seconds
-            except TimeoutError:
-                finished = False
-                seconds = time.perf_counter() - started
+        try:
+            replay_run = replay(http, urls, work.reads, clients=work.clients, verify=verify)
+            seconds = (await asyncio.wait_for(replay_run, deadline)).seconds
+        except TimeoutError:
+            finished = False
+            seconds = time.perf_counter() - started
         after = await scrape(admin, peer.admin_url)
-    run = _figures(seconds, before, after, sampler, work.unique_bytes, cache_size)
+    run = _figures(seconds, before, after, work.unique_bytes, cache_size)
     run.finished = finished
     return run
 
@@ -187,17 +185,14 @@ def _figures(
     seconds: float,
     before: Scrape,
     after: Scrape,
-    sampler: PeakSampler,
     unique: int,
     cache_size: int,
 ) -> Run:
-    gauge = after.value("memory_allocated_peak_bytes")
     return Run(
         seconds=seconds,
         origin_bytes=after.delta(before, "origin_bytes_total", direction="in") or 0.0,
         unique_bytes=unique,
-        peak_bytes=gauge if gauge is not None else sampler.peak,
-        peak_source="gauge" if gauge is not None else f"sampled ({sampler.samples} scrapes)",
+        peak_bytes=after.value("memory_allocated_peak_bytes") or 0.0,
         budget_bytes=after.value("memory_limit_bytes") or float(cache_size),
         evicted_bytes=after.delta(before, "evicted_bytes_total"),
         bypass_bytes=after.delta(before, "cache_bypass_bytes_total"),
@@ -445,10 +440,10 @@ def report(results: Sequence[Result], heap: Heap | None, streams: int, rounds: i
     )
     print(
         "| origin | workload | amplification (<= 1.1) | bounded s | unbounded s"
-        " | wall ratio (<= 1.3) | peak MiB | budget + slack MiB | peak from | evicted MiB"
+        " | wall ratio (<= 1.3) | peak MiB | budget + slack MiB | evicted MiB"
         " | bounded runs stopped |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         peak = r.peak
         checks = r.checks()
@@ -460,7 +455,7 @@ def report(results: Sequence[Result], heap: Heap | None, streams: int, rounds: i
             f" | {statistics.median(x.seconds for x in r.unbounded):.2f}"
             f" | {at_least}{r.wall_ratio:.2f} {_verdict(checks['wall'])}"
             f" | {_mib(peak.peak_bytes)} {_verdict(checks['peak'])}"
-            f" | {_mib(peak.budget_bytes)} + {_mib(r.slack)} | {peak.peak_source}"
+            f" | {_mib(peak.budget_bytes)} + {_mib(r.slack)}"
             f" | {at_least}{_mib(peak.evicted_bytes or 0)} | {r.stopped} of {len(r.bounded)} |"
         )
     if any(r.stopped for r in results):

@@ -1,13 +1,10 @@
 """cachesvc's ``/metrics`` read as numbers, for the memory benchmarks.
 
 A :class:`Scrape` answers None for a metric the server does not export.
-:class:`PeakSampler` polls ``memory_allocated_bytes`` every 20 ms.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import urllib.request
 from dataclasses import dataclass
 
@@ -15,7 +12,6 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 PREFIX = "cachesvc_"
-SAMPLE_INTERVAL = 0.020  # seconds between PeakSampler's scrapes
 
 LabelSet = tuple[tuple[str, str], ...]
 
@@ -66,41 +62,3 @@ async def scrape(session: aiohttp.ClientSession, admin_url: str) -> Scrape:
     async with session.get(f"{admin_url}/metrics") as resp:
         resp.raise_for_status()
         return Scrape.parse(await resp.text())
-
-
-class PeakSampler:
-    """Polls ``memory_allocated_bytes`` every SAMPLE_INTERVAL while entered
-    (an async context manager); ``peak`` is the highest value seen.
-
-    A sampled peak can miss a spike shorter than the interval: it is a lower
-    bound, used only where the build has no ``memory_allocated_peak_bytes``.
-    """
-
-    def __init__(self, session: aiohttp.ClientSession, admin_url: str) -> None:
-        self._session = session
-        self._admin_url = admin_url
-        self.peak = 0.0  # bytes; written by the sampling task only
-        self.samples = 0
-        self._task: asyncio.Task[None] | None = None
-
-    async def _run(self) -> None:
-        while True:
-            got = (await scrape(self._session, self._admin_url)).value("memory_allocated_bytes")
-            if got is not None:
-                self.peak = max(self.peak, got)
-                self.samples += 1
-            await asyncio.sleep(SAMPLE_INTERVAL)
-
-    async def __aenter__(self) -> PeakSampler:
-        self._task = asyncio.create_task(self._run(), name="peak sampler")
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        # One last look: the run's final state counts too.
-        got = (await scrape(self._session, self._admin_url)).value("memory_allocated_bytes")
-        if got is not None:
-            self.peak = max(self.peak, got)
