@@ -114,8 +114,8 @@ class Run:
     unique_bytes: int
     peak_bytes: float
     budget_bytes: float
-    evicted_bytes: float | None
-    bypass_bytes: float | None
+    evicted_bytes: float
+    bypass_bytes: float
     finished: bool  # False: stopped at its deadline (figures are lower bounds)
 
     @property
@@ -157,7 +157,7 @@ def _random_ranges(count: int) -> list[Read]:
     return reads
 
 
-async def _measure(peer: Peer, cache_size: int, work: Workload, deadline: float) -> Run:
+async def _measure(peer: Peer, work: Workload, deadline: float) -> Run:
     assert peer.admin_url is not None
     urls = [peer.file_url(n) for n in work.files]
 
@@ -176,27 +176,19 @@ async def _measure(peer: Peer, cache_size: int, work: Workload, deadline: float)
             finished = False
             seconds = time.perf_counter() - started
         after = await scrape(admin, peer.admin_url)
-    run = _figures(seconds, before, after, work.unique_bytes, cache_size)
-    run.finished = finished
-    return run
+    return _figures(seconds, finished, before, after, work.unique_bytes)
 
 
-def _figures(
-    seconds: float,
-    before: Scrape,
-    after: Scrape,
-    unique: int,
-    cache_size: int,
-) -> Run:
+def _figures(seconds: float, finished: bool, before: Scrape, after: Scrape, unique: int) -> Run:
     return Run(
         seconds=seconds,
-        origin_bytes=after.delta(before, "origin_bytes_total", direction="in") or 0.0,
+        origin_bytes=after.delta(before, "origin_bytes_total", direction="in"),
         unique_bytes=unique,
-        peak_bytes=after.value("memory_allocated_peak_bytes") or 0.0,
-        budget_bytes=after.value("memory_limit_bytes") or float(cache_size),
+        peak_bytes=after.value("memory_allocated_peak_bytes"),
+        budget_bytes=after.value("memory_limit_bytes"),
         evicted_bytes=after.delta(before, "evicted_bytes_total"),
         bypass_bytes=after.delta(before, "cache_bypass_bytes_total"),
-        finished=True,
+        finished=finished,
     )
 
 
@@ -208,7 +200,7 @@ def run_once(origin: str | Path, cache_size: int, work: Workload, deadline: floa
         cachesvc_server(origin, args, cpus=SERVER_CPUS) as peer,
         own_cpus({int(FAR_CPUS)}),
     ):
-        return asyncio.run(_measure(peer, cache_size, work, deadline))
+        return asyncio.run(_measure(peer, work, deadline))
 
 
 @dataclass
@@ -369,7 +361,7 @@ class Heap:
     rss_anon_before: int
     rss_anon_after: int
     cached_bytes: float  # memory_allocated_bytes after the reads
-    evicted_bytes: float | None
+    evicted_bytes: float
     seconds: float
 
     @property
@@ -398,7 +390,7 @@ async def _heap_reads(peer: Peer, names: list[str], warm: int) -> Heap:
         files=len(reads),
         rss_anon_before=before,
         rss_anon_after=after,
-        cached_bytes=after_metrics.value("memory_allocated_bytes") or 0.0,
+        cached_bytes=after_metrics.value("memory_allocated_bytes"),
         evicted_bytes=after_metrics.delta(before_metrics, "evicted_bytes_total"),
         seconds=done.seconds,
     )
@@ -456,7 +448,7 @@ def report(results: Sequence[Result], heap: Heap | None, streams: int, rounds: i
             f" | {at_least}{r.wall_ratio:.2f} {_verdict(checks['wall'])}"
             f" | {_mib(peak.peak_bytes)} {_verdict(checks['peak'])}"
             f" | {_mib(peak.budget_bytes)} + {_mib(r.slack)}"
-            f" | {at_least}{_mib(peak.evicted_bytes or 0)} | {r.stopped} of {len(r.bounded)} |"
+            f" | {at_least}{_mib(peak.evicted_bytes)} | {r.stopped} of {len(r.bounded)} |"
         )
     if any(r.stopped for r in results):
         print(
@@ -473,7 +465,7 @@ def report(results: Sequence[Result], heap: Heap | None, streams: int, rounds: i
             f"| {heap.cached_files:,} | {heap.files:,} | {_mib(heap.rss_anon_before)}"
             f" | {_mib(heap.rss_anon_after)}"
             f" | {heap.per_file:,.0f} B {_verdict(heap.per_file <= HEAP_TARGET)}"
-            f" | {_mib(heap.cached_bytes)} | {_mib(heap.evicted_bytes or 0)}"
+            f" | {_mib(heap.cached_bytes)} | {_mib(heap.evicted_bytes)}"
             f" | {heap.seconds:.1f} |"
         )
 

@@ -1,11 +1,14 @@
 """cachesvc's ``/metrics`` read as numbers, for the memory benchmarks.
 
-A :class:`Scrape` answers None for a metric the server does not export.
+:func:`scrape` fetches the admin listener's ``/metrics``; a :class:`Scrape`
+gives a metric's value or a counter's growth between two scrapes. Every
+metric a benchmark reads must be there: one the server does not export is
+a :class:`MissingMetric` error (a renamed or dropped metric), never a
+figure quietly left out.
 """
 
 from __future__ import annotations
 
-import urllib.request
 from dataclasses import dataclass
 
 import aiohttp
@@ -14,6 +17,10 @@ from prometheus_client.parser import text_string_to_metric_families
 PREFIX = "cachesvc_"
 
 LabelSet = tuple[tuple[str, str], ...]
+
+
+class MissingMetric(LookupError):
+    """The server exports no sample of a metric a benchmark reads."""
 
 
 @dataclass(frozen=True)
@@ -30,32 +37,23 @@ class Scrape:
                 samples[(s.name, tuple(sorted(s.labels.items())))] = float(s.value)
         return cls(samples)
 
-    def value(self, name: str, **labels: str) -> float | None:
+    def value(self, name: str, **labels: str) -> float:
         """The sum of the samples of ``cachesvc_<name>`` whose labels include
-        ``labels``; None if the build exports no such sample."""
+        ``labels``; raises MissingMetric if there is none."""
         full = PREFIX + name
         found = [
             v
             for (n, ls), v in self.samples.items()
             if n == full and all((k, labels[k]) in ls for k in labels)
         ]
-        return sum(found) if found else None
+        if not found:
+            wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
+            raise MissingMetric(f"/metrics has no {full}" + (f"{{{wanted}}}" if labels else ""))
+        return sum(found)
 
-    def has(self, name: str) -> bool:
-        full = PREFIX + name
-        return any(n == full for n, _ in self.samples)
-
-    def delta(self, before: Scrape, name: str, **labels: str) -> float | None:
-        """This scrape's value minus ``before``'s (a counter's growth), or None."""
-        now, then = self.value(name, **labels), before.value(name, **labels)
-        if now is None:
-            return None
-        return now - (then or 0.0)
-
-
-def scrape_sync(admin_url: str, timeout: float = 10.0) -> Scrape:
-    with urllib.request.urlopen(f"{admin_url}/metrics", timeout=timeout) as resp:
-        return Scrape.parse(resp.read().decode())
+    def delta(self, before: Scrape, name: str, **labels: str) -> float:
+        """This scrape's value minus ``before``'s (a counter's growth)."""
+        return self.value(name, **labels) - before.value(name, **labels)
 
 
 async def scrape(session: aiohttp.ClientSession, admin_url: str) -> Scrape:
