@@ -1,11 +1,12 @@
 """Memory under pressure: cold reads into a cache a quarter of their size (issue 18).
 
 Run with ``python -m benchmarks.pressure_bench [--quick] [--streams N]
-[--small-files N] [--rounds N]``. Prints markdown tables and returns the
-figures as a dict.
+[--file-size SIZE] [--small-files N] [--rounds N] [--no-http]``. Prints
+markdown tables and returns the figures as a dict.
 
-**Streams and random ranges.** ``N`` files (default 8) of 8 MiB, of seeded
-content, are read cold through a fresh cachesvc whose ``--cache-size`` is a
+**Streams and random ranges.** ``N`` files (default 8) of ``--file-size``
+(default 32 MiB, so 256 MiB through a 64 MiB cache; 8 MiB with
+``--quick``), of seeded content, are read cold through a fresh cachesvc whose ``--cache-size`` is a
 quarter of their total (*bounded*), and again with a cache of twice their
 total (*unbounded*), each in two ways:
 
@@ -25,8 +26,10 @@ byte with the file. Figures, from ``/metrics`` deltas and the client:
   bytes asked for (the files' total): 1.0 means every byte came from the
   origin once; readahead that is evicted before it is read, or refills of
   evicted data, push it up;
-- wall: the bounded run's time over the unbounded run's (medians of
-  ``--rounds`` fresh starts);
+- wall: the bounded run's time over the unbounded run's, as the ratio of
+  the medians of ``--rounds`` fresh starts; each side's median is printed
+  with its spread (min-max), so the noise of a ratio is visible (with 8 MiB
+  files a run lasts 0.1-0.3 s, and the ratio is mostly noise);
 - peak: ``memory_allocated_peak_bytes`` after the bounded run (the most
   page-cache memory allocated at once since the server started, kept by the
   memory file on every allocation, so no spike is missed), against the
@@ -80,12 +83,14 @@ from benchmarks.origin_peers import NGINX_AUTOINDEX, LatencyProxy
 from benchmarks.peers import Peer, cachesvc_server, nginx_server, resident
 from benchmarks.scrape import Scrape, scrape
 from benchmarks.traces import KiB, MiB, Read
+from cachesvc.config.values import parse_size
 from tests.support.content import pattern
 
 SERVER_CPUS = "0"
 FAR_CPUS = "1"  # the clients, nginx and the latency proxy
 ORIGIN_DELAY = 0.002
-FILE_SIZE = 8 * MiB
+FILE_SIZE = 32 * MiB
+QUICK_FILE_SIZE = 8 * MiB
 STREAMS = 8
 ROUNDS = 3
 SMALL_FILES = 100_000
@@ -138,19 +143,20 @@ class Workload:
         return sum(r.length for r in self.reads)
 
 
-def _files(count: int) -> list[bytes]:
-    return [pattern(SEED + i, 0, FILE_SIZE) for i in range(count)]
+def _files(count: int, size: int) -> list[bytes]:
+    return [pattern(SEED + i, 0, size) for i in range(count)]
 
 
-def _random_ranges(count: int) -> list[Read]:
-    """Every byte of ``count`` files in 4 KiB-aligned 64 KiB-1 MiB ranges, shuffled."""
+def _random_ranges(count: int, size: int) -> list[Read]:
+    """Every byte of ``count`` files of ``size`` in 4 KiB-aligned 64 KiB-1 MiB
+    ranges, shuffled."""
     rng = random.Random(SEED)
     reads = []
     for f in range(count):
         offset = 0
-        while offset < FILE_SIZE:
+        while offset < size:
             length = math.exp(rng.uniform(math.log(RANGE_MIN), math.log(RANGE_MAX)))
-            length = min(FILE_SIZE - offset, max(RANGE_MIN, int(length) // (4 * KiB) * 4 * KiB))
+            length = min(size - offset, max(RANGE_MIN, int(length) // (4 * KiB) * 4 * KiB))
             reads.append(Read(f, offset, length))
             offset += length
     rng.shuffle(reads)
@@ -215,6 +221,7 @@ class Result:
 
     @property
     def wall_ratio(self) -> float:
+        """The bounded runs' median wall over the unbounded runs'."""
         return statistics.median(r.seconds for r in self.bounded) / statistics.median(
             r.seconds for r in self.unbounded
         )
@@ -277,15 +284,15 @@ def _origins(root: Path, paths: Sequence[Path], http: bool) -> Iterator[list[tup
         yield origins
 
 
-def pressure(streams: int, rounds: int, http: bool) -> list[Result]:
-    content = _files(streams)
-    total = streams * FILE_SIZE
+def pressure(streams: int, file_size: int, rounds: int, http: bool) -> list[Result]:
+    content = _files(streams, file_size)
+    total = streams * file_size
     names = [f"big/{i:02d}.bin" for i in range(streams)]
     workloads = [
         Workload(
-            "streams", names, content, [Read(i, 0, FILE_SIZE) for i in range(streams)], streams
+            "streams", names, content, [Read(i, 0, file_size) for i in range(streams)], streams
         ),
-        Workload("random", names, content, _random_ranges(streams), CLIENTS),
+        Workload("random", names, content, _random_ranges(streams, file_size), CLIENTS),
     ]
     results = []
     with tempfile.TemporaryDirectory(prefix="pressure-bench-") as tmp:
@@ -420,15 +427,28 @@ def _mib(n: float) -> str:
     return f"{n / MiB:.1f}"
 
 
+def _wall(runs: Sequence[Run]) -> str:
+    """Median seconds of ``runs``, and their spread (min-max) if more than one."""
+    seconds = [r.seconds for r in runs]
+    median = f"{statistics.median(seconds):.2f}"
+    if len(seconds) == 1:
+        return median
+    return f"{median} ({min(seconds):.2f}-{max(seconds):.2f})"
+
+
 def _verdict(ok: bool | None) -> str:
     return {True: "met", False: "MISSED", None: "open (run stopped)"}[ok]
 
 
-def report(results: Sequence[Result], heap: Heap | None, streams: int, rounds: int) -> None:
+def report(
+    results: Sequence[Result], heap: Heap | None, streams: int, file_size: int, rounds: int
+) -> None:
+    total = streams * file_size
     print(
-        f"\n{streams} files x {FILE_SIZE // MiB} MiB ({streams * FILE_SIZE // MiB} MiB); bounded"
-        f" cache {streams * FILE_SIZE // 4 // MiB} MiB, unbounded {streams * FILE_SIZE * 2 // MiB}"
-        f" MiB; default readahead; {rounds} round(s): median wall, worst amplification and peak.\n"
+        f"\n{streams} files x {file_size / MiB:g} MiB ({total / MiB:g} MiB); bounded cache"
+        f" {total / 4 / MiB:g} MiB, unbounded {total * 2 / MiB:g} MiB; default readahead;"
+        f" {rounds} round(s): wall as median (min-max), wall ratio of the medians, worst"
+        " amplification and peak.\n"
     )
     print(
         "| origin | workload | amplification (<= 1.1) | bounded s | unbounded s"
@@ -443,8 +463,7 @@ def report(results: Sequence[Result], heap: Heap | None, streams: int, rounds: i
         print(
             f"| {r.origin} | {r.workload} | {at_least}{r.amplification:.3f}"
             f" {_verdict(checks['amplification'])}"
-            f" | {at_least}{statistics.median(x.seconds for x in r.bounded):.2f}"
-            f" | {statistics.median(x.seconds for x in r.unbounded):.2f}"
+            f" | {at_least}{_wall(r.bounded)} | {_wall(r.unbounded)}"
             f" | {at_least}{r.wall_ratio:.2f} {_verdict(checks['wall'])}"
             f" | {_mib(peak.peak_bytes)} {_verdict(checks['peak'])}"
             f" | {_mib(peak.budget_bytes)} + {_mib(r.slack)}"
@@ -474,13 +493,21 @@ def main(argv: Sequence[str] = ()) -> dict[str, Any]:
     """Runs the benchmark with command-line ``argv`` (none: the full run);
     prints the tables and returns the figures."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--quick", action="store_true", help="1 round, 4 files, 10,000 small")
+    parser.add_argument(
+        "--quick", action="store_true", help="1 round, 4 files of 8 MiB, 10,000 small files"
+    )
     parser.add_argument("--streams", type=int, help=f"files and streams (default {STREAMS})")
+    parser.add_argument(
+        "--file-size",
+        type=parse_size,
+        help=f"each file's size (default {FILE_SIZE // MiB}MiB; {QUICK_FILE_SIZE // MiB}MiB quick)",
+    )
     parser.add_argument("--rounds", type=int, help=f"fresh starts per figure (default {ROUNDS})")
     parser.add_argument("--small-files", type=int, help=f"default {SMALL_FILES:,}; 0: skip")
     parser.add_argument("--no-http", action="store_true", help="local origin only")
     args = parser.parse_args(list(argv))
     streams = args.streams or (4 if args.quick else STREAMS)
+    file_size = args.file_size or (QUICK_FILE_SIZE if args.quick else FILE_SIZE)
     rounds = args.rounds or (1 if args.quick else ROUNDS)
     small = (
         args.small_files
@@ -488,14 +515,14 @@ def main(argv: Sequence[str] = ()) -> dict[str, Any]:
         else (10_000 if args.quick else SMALL_FILES)
     )
     started = time.perf_counter()
-    results = pressure(streams, rounds, http=not args.no_http)
+    results = pressure(streams, file_size, rounds, http=not args.no_http)
     heap = heap_per_file(small) if small else None
-    report(results, heap, streams, rounds)
+    report(results, heap, streams, file_size, rounds)
     elapsed = time.perf_counter() - started
     print(f"\n{elapsed:.0f} s in all")
     out: dict[str, Any] = {
         "streams": streams,
-        "file_bytes": FILE_SIZE,
+        "file_bytes": file_size,
         "rounds": rounds,
         "seconds": round(elapsed, 1),
         "results": [
