@@ -119,6 +119,7 @@ WALL_TARGET = 1.3
 HEAP_TARGETS = {"file": 1 * KiB, "extent": 128}  # heap bytes per cached file, extent
 HEAP_ITEMS = {"file": "files of 4 KiB", "extent": "64 KiB extents of one file"}
 SERVER_ARGS = ("--log-level", "warning", "--revalidate", "1h")
+Content = Callable[[Read], bytes]  # the bytes a read must return
 # A bounded run still going after DEADLINE_FACTOR x its unbounded twin (at
 # least MIN_DEADLINE seconds) is stopped and reported as such: a regression
 # to refill storms would otherwise take minutes.
@@ -355,14 +356,16 @@ def _rss_anon(pid: int) -> int:
     raise RuntimeError(f"no RssAnon in /proc/{pid}/status")
 
 
+def _mark(index: int) -> bytes:
+    """The head of file or extent ``index``: the number in 15 digits and a newline."""
+    return f"{index:015d}\n".encode()
+
+
 def _marked(index: int, size: int) -> bytes:
-    """``size`` bytes: ``index`` as 15 digits and a newline, then zeros (a
-    file or extent written this way is sparse but for its first page)."""
-    head = f"{index:015d}\n".encode()
+    """All ``size`` bytes of file or extent ``index``: its mark, then zeros
+    (written as the mark alone, so sparse but for its first page)."""
+    head = _mark(index)
     return head + bytes(size - len(head))
-
-
-_MARK = len(_marked(0, 16))
 
 
 def _make_small_files(root: Path, prefix: str, count: int) -> list[str]:
@@ -374,7 +377,7 @@ def _make_small_files(root: Path, prefix: str, count: int) -> list[str]:
             path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            os.write(fd, _marked(i, _MARK))
+            os.write(fd, _mark(i))
             os.ftruncate(fd, SMALL_SIZE)
         finally:
             os.close(fd)
@@ -389,7 +392,7 @@ def _make_extent_file(path: Path, extents: int) -> list[Read]:
     try:
         os.ftruncate(fd, 2 * extents * EXTENT)
         for k in range(0, 2 * extents, 2):
-            os.pwrite(fd, _marked(k, _MARK), k * EXTENT)
+            os.pwrite(fd, _mark(k), k * EXTENT)
     finally:
         os.close(fd)
     reads = [Read(0, k * EXTENT, EXTENT) for k in range(0, 2 * extents, 2)]
@@ -418,9 +421,6 @@ class Heap:
     @property
     def met(self) -> bool:
         return self.per_item <= self.target
-
-
-Content = Callable[[Read], bytes]  # a read's expected bytes
 
 
 async def _heap_reads(
