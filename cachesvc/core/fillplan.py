@@ -16,10 +16,10 @@ import asyncio
 from collections.abc import Sequence
 from typing import NamedTuple
 
+from cachesvc.core.cacheset import FileRangeSet
 from cachesvc.core.mapping import Mapping
 from cachesvc.core.pages import EXTENT_SIZE, extent_down, extent_up
 from cachesvc.core.ranges import Range, subtract_range
-from cachesvc.core.sets import FileRangeSet
 
 # The reference design's fill window (maxFillRange): 64 KiB.
 MIN_READAHEAD = 64 << 10

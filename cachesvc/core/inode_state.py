@@ -47,6 +47,7 @@ from typing import Final, Protocol
 
 from cachesvc.core.accounting import CacheCounters
 from cachesvc.core.budget import MemoryBudget
+from cachesvc.core.cacheset import FileRangeSet
 from cachesvc.core.eviction.driver import ghost_key
 from cachesvc.core.eviction.policy import SLOT_SHIFT, EvictionPolicy, extent_key
 from cachesvc.core.fillplan import Fill
@@ -55,7 +56,7 @@ from cachesvc.core.mapping import Mapping
 from cachesvc.core.memfile import MemoryFile
 from cachesvc.core.pages import EXTENT_SIZE, extent_indexes, extent_range
 from cachesvc.core.ranges import Range
-from cachesvc.core.sets import DirtySet, FileRangeSet, MappingSet, MemoryPieces
+from cachesvc.core.sets import DirtySet, MappingSet, MemoryPieces
 from cachesvc.origins.base import Origin, OriginError, OriginStat
 
 # A page-aligned end beyond any file.

@@ -12,12 +12,23 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from cachesvc.core.ranges import MAX_OFFSET, Range, RangeSet, marker_set
-from cachesvc.core.sets import CountPolicy, GenerationPolicy, MemoryOffsetPolicy
+from cachesvc.core.sets import CountPolicy, GenerationPolicy
 
 V = TypeVar("V")
 Seg = tuple[int, int, Any]
 
 R = Range
+
+
+class MemoryOffsetPolicy:
+    """Values are the memory-file offset of a segment's first byte: segments merge
+    iff the memory behind them is contiguous too."""
+
+    def merge(self, left: Range, left_value: int, right: Range, right_value: int) -> int | None:
+        return left_value if left_value + (left.end - left.start) == right_value else None
+
+    def split(self, rng: Range, value: int, at: int) -> tuple[int, int]:
+        return value, value + (at - rng.start)
 
 
 def file_range_set() -> RangeSet[int]:

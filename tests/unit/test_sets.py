@@ -11,9 +11,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cachesvc.core.cacheset import FileRangeSet
 from cachesvc.core.memfile import MemoryFile, MemoryKind
 from cachesvc.core.ranges import MAX_OFFSET, Range, RangeSet
-from cachesvc.core.sets import DirtySet, FileRangeSet, MappingSet, MemoryOffsetPolicy
+from cachesvc.core.sets import DirtySet, MappingSet
+from tests.unit.test_ranges import MemoryOffsetPolicy
 
 P = 4096
 R = Range
