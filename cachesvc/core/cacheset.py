@@ -267,6 +267,7 @@ class FileRangeSet:
             raise ValueError(f"insert of malformed or empty range {rng}")
         if self._many is not None:
             self._many.insert(rng.start, rng.end, mem)
+            self._demote()  # the insert may have joined two segments
         elif not self._end:
             self._start, self._end, self._mem = rng.start, rng.end, mem
         elif rng.start < self._end and self._start < rng.end:
@@ -348,17 +349,24 @@ class FileRangeSet:
 
     def copy_out(self, memfile: MemoryFile, rng: Range) -> bytes | None:
         """A copy of ``rng`` (non-empty) if all of it is cached, else None.
-        O(log n + k) plus the copy; one segment, the usual case, takes no walk."""
-        found = self.find(rng.start)
-        if found is None:
-            return None
-        seg, mem = found
-        if seg.end >= rng.end:
-            start = mem + rng.start - seg.start
-            return b"".join(memfile.map_internal(Range(start, start + rng.length), False))
-        if self.cached_bytes(rng) != rng.length:
-            return None
-        return b"".join(self.views(memfile, rng, write=False))
+        O(log n + k) plus the copy; one segment, the usual case, takes no walk
+        (a hit's hot path: plain ints, no Range until the memory's)."""
+        offset, end = rng
+        many = self._many
+        if many is None:
+            if not self._start <= offset < end <= self._end:
+                return None
+            start = self._mem + offset - self._start
+        else:
+            i = bisect.bisect_right(many.starts, offset) - 1
+            if i < 0 or many.ends[i] <= offset:
+                return None
+            if many.ends[i] < end:
+                if self.cached_bytes(rng) != rng.length:
+                    return None
+                return b"".join(self.views(memfile, rng, write=False))
+            start = many.mems[i] + offset - many.starts[i]
+        return b"".join(memfile.map_internal(Range(start, start + end - offset), False))
 
     def write(self, memfile: MemoryFile, offset: int, data: memoryview) -> list[Range]:
         """Copies ``data`` (written at ``offset``) into the cached parts of its

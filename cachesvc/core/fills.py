@@ -269,9 +269,12 @@ class FillingInode(InodeState):
         ``--readahead``."""
         if offset == self._ra_next:
             window = max(self._ra_window * 2, MIN_READAHEAD, page_up(length))
-            self._ra_window = min(window, self.host.readahead)
+            window = min(window, self.host.readahead)
         else:
-            self._ra_window = 0
+            window = 0
+        if window != self._ra_window:
+            self._ra_window = window
+            self._ra_covered = 0
         self._ra_next = offset + length
 
     def _read_ahead_locked(self, end: int, windows: int = 2) -> None:
@@ -282,7 +285,10 @@ class FillingInode(InodeState):
         marker. Reads look two windows ahead; a completed fill looks
         COMPLETION_LOOKAHEAD windows ahead, so the next origin request goes
         out when the last one ends rather than when the reader next maps.
-        The window shrinks to the budget's room for readahead.
+        The window shrinks to the budget's room for readahead. What was
+        found covered (cached or being filled) is remembered, and a read
+        whose lookahead ends inside it does not look again: a hit costs no
+        walk. Pages evicted meanwhile are read when a reader reaches them.
 
         Preconditions: data_mu is held (for reading suffices), or no writer
         holds it and the caller does not suspend.
@@ -290,10 +296,12 @@ class FillingInode(InodeState):
         window = self._ra_window
         if window <= MIN_READAHEAD:
             return
+        size_end = page_up(self.attr.size)
+        if min(end + windows * window, size_end) <= self._ra_covered:
+            return
         window = min(window, page_down(self.host.budget.readahead_room() // windows))
         if window < MIN_READAHEAD:
             return
-        size_end = page_up(self.attr.size)
         end = page_down(end)  # whole pages: the reader's next byte is on this one
         lookahead = Range(end, min(end + windows * window, size_end))
         if lookahead.is_empty:
@@ -303,6 +311,7 @@ class FillingInode(InodeState):
             if not fill.stale and not fill.through:
                 missing = [p for gap in missing for p in subtract_range(gap, fill.range)]
         if not missing:
+            self._ra_covered = self._covered_end(lookahead.end, size_end)
             return
         start = missing[0].start
         ahead = Range(start, min(start + window, size_end))
@@ -310,6 +319,27 @@ class FillingInode(InodeState):
                           ahead.end, 0)  # fmt: skip
         for rng in plan.new:
             self._start_fill(rng, prefetch=True)
+
+    def _covered_end(self, offset: int, size_end: int) -> int:
+        """Where the run of pages from ``offset`` that are cached or being
+        filled ends (at most ``size_end``).
+
+        Preconditions: as for :meth:`_read_ahead_locked`.
+        """
+        while offset < size_end:
+            found = self.cache_set.find(offset)
+            if found is not None:
+                offset = found[0].end
+                continue
+            filling = [
+                f.range.end
+                for f in self._fills
+                if not f.stale and not f.through and f.range.start <= offset < f.range.end
+            ]
+            if not filling:
+                break
+            offset = max(filling)
+        return min(offset, size_end)
 
     # ------------------------------------------------------------------ fills
 
@@ -337,6 +367,7 @@ class FillingInode(InodeState):
 
     def _forget_fill(self, fill: Fill) -> None:
         self._fills = tuple(f for f in self._fills if f is not fill)
+        self._ra_covered = 0  # it may have ended without caching its range
 
     async def _run_fill(self, fill: Fill) -> None:
         rng = fill.range

@@ -190,6 +190,7 @@ class CachingInode(WritebackInode):
             self._clear_dirty_locked(Range(size, END))
             dropped = self.cache_set.truncate(self.host.memfile, size)
             self.host.counters.cached_bytes -= sum(r.length for r in dropped)
+            self._ra_covered = 0
             self._track_extents_locked([*dropped, page_range(size, size + 1)])
             if dropped:
                 self.host.budget.note_released()

@@ -54,7 +54,7 @@ from cachesvc.core.fillplan import Fill
 from cachesvc.core.locks import OrderedLock, RWLock
 from cachesvc.core.mapping import Mapping
 from cachesvc.core.memfile import MemoryFile
-from cachesvc.core.pages import EXTENT_SIZE, extent_indexes, extent_range
+from cachesvc.core.pages import EXTENT_SHIFT, EXTENT_SIZE, extent_indexes, extent_range
 from cachesvc.core.ranges import Range
 from cachesvc.core.sets import DirtySet, MappingSet, MemoryPieces
 from cachesvc.origins.base import Origin, OriginError, OriginStat
@@ -155,6 +155,7 @@ class InodeState:
         "_mappings",
         "_origin_etag",
         "_origin_valid",
+        "_ra_covered",
         "_ra_next",
         "_ra_window",
         "_resizing",
@@ -226,6 +227,11 @@ class InodeState:
         # Readahead state (only a hint; races are harmless). Protected by the event loop.
         self._ra_next = -1
         self._ra_window = 0
+        # Where the pages cached or being filled ahead of the reader ended
+        # when readahead last looked: reads whose lookahead ends before it
+        # need not look again. Reset (look again) when pages are dropped or
+        # a fill ends.
+        self._ra_covered = 0
         # Requests using this inode (FileCache.open). Protected by the event loop.
         self.users = 0
         # Truncates of a written-through origin in progress. Protected by the
@@ -416,11 +422,15 @@ class InodeState:
                 policy.remove(extent_key(self.slot, index))
 
     def _touch_extents(self, offset: int, end: int) -> None:
-        """Counts a read of ``[offset, end)`` with the policy, for every extent
-        it touches that is tracked."""
+        """Counts a read of ``[offset, end)`` (not empty) with the policy, for
+        every extent it touches that is tracked."""
         policy = self.host.policy
         base = self.slot << SLOT_SHIFT
-        for index in extent_indexes(Range(offset, end)):
+        first, last = offset >> EXTENT_SHIFT, (end - 1) >> EXTENT_SHIFT
+        if first == last:  # a small read: one extent
+            policy.touch(base | first)
+            return
+        for index in range(first, last + 1):
             policy.touch(base | index)
 
     # ----------------------------------------------------------------- dirt
@@ -472,6 +482,8 @@ class InodeState:
         memfile = self.host.memfile
         dropped = [d for piece in pieces for d in self.cache_set.drop(memfile, piece)]
         self.host.counters.cached_bytes -= sum(d.length for d in dropped)
+        if dropped:
+            self._ra_covered = 0
         if dirty_too:
             self._clear_dirty_locked(rng)
         self._track_extents_locked(dropped)

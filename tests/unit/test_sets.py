@@ -38,22 +38,27 @@ pages = st.integers(0, 16)
 @settings(max_examples=300, deadline=None)
 @given(
     ops=st.lists(
-        st.tuples(st.sampled_from(["insert", "remove"]), pages, pages, st.integers(0, 40)),
+        # A memory offset, or None: the range's own file offset, so that
+        # neighbours are contiguous in memory too and inserts join them.
+        st.tuples(
+            st.sampled_from(["insert", "remove"]), pages, pages, st.none() | st.integers(0, 40)
+        ),
         max_size=40,
     ),
     probes=st.lists(st.tuples(pages, pages), max_size=8),
 )
 def test_file_range_set_answers_as_a_range_set(
-    ops: list[tuple[str, int, int, int]], probes: list[tuple[int, int]]
+    ops: list[tuple[str, int, int, int | None]], probes: list[tuple[int, int]]
 ) -> None:
     fast, slow = FileRangeSet(), plain()
-    for op, a, b, mem in ops:
+    for op, a, b, page in ops:
         rng = R(min(a, b) * P, max(a, b) * P)
+        mem = rng.start if page is None else page * P
         if op == "insert":
             if rng.is_empty or slow.segments(rng):
                 continue
-            fast.insert(rng, mem * P)
-            slow.insert(rng, mem * P)
+            fast.insert(rng, mem)
+            slow.insert(rng, mem)
         else:
             assert fast._remove(rng) == slow.remove(rng)
         same(fast, slow)
@@ -63,6 +68,35 @@ def test_file_range_set_answers_as_a_range_set(
             assert fast.gaps(probe) == slow.gaps(probe)
             assert fast.find(x * P) == slow.find(x * P)
             assert fast.find_gap(x * P) == slow.find_gap(x * P)
+
+
+def test_an_insert_joining_two_segments_leaves_one_inline() -> None:
+    s = FileRangeSet()
+    s.insert(R(0, P), 0)
+    s.insert(R(2 * P, 3 * P), 2 * P)
+    s.insert(R(P, 2 * P), P)
+    s.check_invariants()
+    assert list(s) == [(R(0, 3 * P), 0)]
+
+
+async def test_copy_out_across_segments(memfile: MemoryFile) -> None:
+    s = FileRangeSet()
+    high = await memfile.allocate(2 * P, MemoryKind.PAGE_CACHE)
+    low = await memfile.allocate(2 * P, MemoryKind.PAGE_CACHE)  # after high's memory
+    far = await memfile.allocate(P, MemoryKind.PAGE_CACHE)
+    s.insert(R(0, 2 * P), low.start)
+    s.insert(R(2 * P, 4 * P), high.start)  # adjacent in the file, not in memory
+    s.insert(R(6 * P, 7 * P), far.start)
+    data = bytes(range(256)) * 112  # 28 KiB
+    assert s.write(memfile, 0, memoryview(data)) == [R(0, 2 * P), R(2 * P, 4 * P), R(6 * P, 7 * P)]
+    assert s.copy_out(memfile, R(10, P)) == data[10:P]  # within one segment
+    assert s.copy_out(memfile, R(P, 3 * P)) == data[P : 3 * P]  # across two
+    assert s.copy_out(memfile, R(6 * P + 1, 7 * P)) == data[6 * P + 1 : 7 * P]
+    assert s.copy_out(memfile, R(3 * P, 5 * P)) is None  # runs into the gap
+    assert s.copy_out(memfile, R(4 * P, 5 * P)) is None  # in the gap
+    assert s.copy_out(memfile, R(7 * P, 8 * P)) is None  # past the last
+    s.drop(memfile, R(0, 8 * P))
+    assert memfile.allocated_bytes(MemoryKind.PAGE_CACHE) == 0
 
 
 def test_file_range_set_rejects_what_a_range_set_rejects() -> None:
