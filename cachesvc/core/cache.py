@@ -10,7 +10,9 @@ finds an extent's owner for the driver by the inode's table slot.
 
 An inode is forgotten only when it has no cached pages, no dirty data, no
 mappings and no users, so two inodes never cache the same path; an idle
-inode that keeps cached pages is settled (its locks and history dropped).
+inode that keeps cached pages is settled (its locks, empty mapping set and
+history dropped) once it has stayed idle for SETTLE_DELAY: a file read
+again and again keeps them rather than making them anew for each request.
 Beyond ``max_inodes`` files, extents are evicted through the driver, in
 the policy's order, until idle files have gone below it.
 
@@ -43,6 +45,9 @@ from cachesvc.core.pages import page_range
 from cachesvc.origins.base import Origin, OriginNotFound, OriginStat
 
 log = logging.getLogger("cachesvc.cache")
+
+# Seconds an inode with cached pages stays idle before it is settled.
+SETTLE_DELAY = 1.0
 
 __all__ = ["CacheOptions", "FileCache", "PinLimit", "WritebackFailure"]
 
@@ -105,6 +110,9 @@ class FileCache:
         self._pins: dict[tuple[str, int, int], list[Mapping]] = {}
         self._pinned_bytes = 0
         self._daemon: asyncio.Task[None] | None = None
+        # Inodes gone idle, to settle at the next sweep (see settle_idle).
+        self._unsettled: set[CachingInode] = set()
+        self._settling: asyncio.TimerHandle | None = None
         self._background: set[asyncio.Task[object]] = set()
 
     def __repr__(self) -> str:
@@ -167,6 +175,9 @@ class FileCache:
                 with contextlib.suppress(asyncio.CancelledError):
                     await stopping
         self._daemon = self._limiting = None
+        if self._settling is not None:
+            self._settling.cancel()
+            self._settling = None
         failures = await self.sync_all()
         for mappings in list(self._pins.values()):
             for mapping in mappings:
@@ -285,13 +296,25 @@ class FileCache:
 
     def forget_if_idle(self, inode: InodeState) -> None:
         """Forgets ``inode`` if nothing holds it any more; else drops what it
-        does not need while idle."""
-        if self._inodes.get(inode.path) is not inode:
+        does not need once it has stayed idle (see settle_idle)."""
+        found = self._inodes.get(inode.path)
+        if found is not inode:
             return
-        if inode.is_idle:
-            self._forget(inode)
-        else:
-            inode.settle()
+        if found.is_idle:
+            self._forget(found)
+        elif not found.users:
+            self._unsettled.add(found)
+            if self._settling is None:
+                loop = asyncio.get_running_loop()
+                self._settling = loop.call_later(SETTLE_DELAY, self.settle_idle)
+
+    def settle_idle(self) -> None:
+        """Settles the inodes gone idle since the last sweep that still are."""
+        self._settling = None
+        unsettled, self._unsettled = self._unsettled, set()
+        for inode in unsettled:
+            if self._inodes.get(inode.path) is inode and not inode.users:
+                inode.settle()
 
     def _forget(self, inode: InodeState) -> None:
         if self._inodes.get(inode.path) is inode:

@@ -311,10 +311,13 @@ class InodeState:
 
     def settle(self) -> None:
         """Drops what an idle inode does not need: its locks, once no task
-        holds or waits for any, and its history of changes, once no reader
-        can be reading an older version (no user, no mapping)."""
+        holds or waits for any, its mapping set once empty, and its history
+        of changes, once no reader can be reading an older version (no user,
+        no mapping)."""
         if self._locks is not None and not self._locks.contended():
             self._locks = None
+        if self._mappings is not None and not self._mappings:
+            self._mappings = None
         if self._changes is not None and not self.users and not self.mappings:
             self._changes = None
 
@@ -565,8 +568,6 @@ class InodeState:
             return
         assert self._mappings is not None, f"{pages} released but nothing is mapped"
         released = self._mappings.remove(pages)
-        if not self._mappings:
-            self._mappings = None
         self.host.counters.mapped_bytes -= sum(rng.length for rng in released)
         if pinned:
             self._evictability_gen += 1

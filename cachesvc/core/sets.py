@@ -68,7 +68,8 @@ _NO_SEGMENTS: Final[tuple[()]] = ()
 
 
 class _LazySet:
-    """A RangeSet[int] made on first insertion and dropped once empty."""
+    """A RangeSet[int] made on first insertion; a subclass may drop it once
+    empty (``_settle``)."""
 
     __slots__ = ("_set",)
 
@@ -91,7 +92,7 @@ class _LazySet:
 
     def __bool__(self) -> bool:
         """Whether any range is in the set. O(1)."""
-        return self._set is not None
+        return self._set is not None and bool(self._set)
 
     def __len__(self) -> int:
         """Number of segments. O(1)."""
@@ -117,7 +118,6 @@ class _LazySet:
     def check_invariants(self) -> None:
         """Asserts the set's structure (merged segments, totals). O(n)."""
         if self._set is not None:
-            assert self._set, "an empty set is kept"
             self._set.check_invariants(require_merged=True)
 
     def __repr__(self) -> str:
@@ -133,6 +133,10 @@ class DirtySet(_LazySet):
 
     __slots__ = ()
     _POLICY = _GENERATION
+
+    def check_invariants(self) -> None:
+        super().check_invariants()
+        assert self._set is None or self._set, "an empty dirty set is kept"
 
     def ranges(self) -> list[Range]:
         """The dirty ranges, ascending. O(n)."""
@@ -186,7 +190,9 @@ class DirtySet(_LazySet):
 
 class MappingSet(_LazySet):
     """How many mappings hold each page: responses, operator pins and the
-    holds of fills whose waiters have not mapped yet."""
+    holds of fills whose waiters have not mapped yet. Kept when it empties
+    (a file mapped once is likely mapped again): its inode drops it when
+    it settles."""
 
     __slots__ = ()
     _POLICY = _COUNT
@@ -223,5 +229,4 @@ class MappingSet(_LazySet):
             released = [rng for rng, count in counts.segments(pages) if count == 0]
             for rng in released:
                 counts.remove(rng)
-        self._settle()
         return released
